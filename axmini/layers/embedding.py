@@ -1,0 +1,32 @@
+"""Token embedding, with `attend` for a tied unembedding."""
+
+from __future__ import annotations
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+from axmini.config import REQUIRED, FunctionConfigBase, Required, config_for_function
+from axmini.module import Layer, normal
+
+
+class Embedding(Layer):
+    """Looks up rows of a [num_embeddings, dim] table; `attend(x)` scores x against every row."""
+
+    class Config(Layer.Config):
+        num_embeddings: Required[int] = REQUIRED
+        dim: Required[int] = REQUIRED
+        param_init: FunctionConfigBase = config_for_function(normal)
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self.weight = self.param((cfg.num_embeddings, cfg.dim), axes=("vocab", "embed"), rngs=rngs, fan_in_axes=())
+
+    def __call__(self, ids: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
+        table = self.weight[...]
+        return jnp.take(table, ids, axis=0).astype(dtype or table.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits [..., num_embeddings] = x @ table^T (the tied output projection)."""
+        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(x.dtype))

@@ -1,0 +1,55 @@
+"""Named experiments: a registry of functions that each return a complete config.
+
+`@register("name")` adds a function; `get("name")` calls it; `names()` lists them. The modules below
+register on import, so importing this package makes every experiment reachable by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Callable
+
+from axmini.config import ConfigBase
+
+_REGISTRY: dict[str, Callable[[], ConfigBase]] = {}
+
+
+class UnknownExperimentError(KeyError):
+    """A name that no experiment was registered under."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register(name: str) -> Callable[[Callable[[], ConfigBase]], Callable[[], ConfigBase]]:
+    """Registers `fn` as the experiment `name`."""
+
+    def wrap(fn: Callable[[], ConfigBase]) -> Callable[[], ConfigBase]:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"experiment {name!r} is registered twice ({_REGISTRY[name].__module__}, {fn.__module__})")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> ConfigBase:
+    """A fresh config of the named experiment."""
+    _load_all()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.4)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise UnknownExperimentError(f"unknown experiment {name!r}{hint} (see `axmini configs list`)")
+    return _REGISTRY[name]()
