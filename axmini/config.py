@@ -373,7 +373,8 @@ def _format_leaf(value: Any) -> str:
     if isinstance(value, enum.Enum):
         return f"{type(value).__name__}.{value.name}"
     if isinstance(value, functools.partial):
-        args = ", ".join([_format_leaf(a) for a in value.args] + [f"{k}={_format_leaf(v)}" for k, v in value.keywords.items()])
+        args = [_format_leaf(a) for a in value.args] + [f"{k}={_format_leaf(v)}" for k, v in value.keywords.items()]
+        args = ", ".join(args)
         return f"functools.partial({_format_leaf(value.func)}, {args})"
     if isinstance(value, type) or inspect.isfunction(value) or inspect.isbuiltin(value):
         return _dotted_name(value)
@@ -442,7 +443,8 @@ class Configurable:
 
     def __init__(self, cfg: Configurable.Config):
         if not isinstance(cfg, self.Config):
-            raise ConfigTypeError(f"{type(self).__name__} needs a {self.Config.__qualname__}, got {type(cfg).__qualname__}")
+            expected, got = self.Config.__qualname__, type(cfg).__qualname__
+            raise ConfigTypeError(f"{type(self).__name__} needs a {expected}, got {got}")
         path = getattr(cfg, "_path", "")
         self._config = cfg.freeze()
         _stamp_paths(self._config, path)

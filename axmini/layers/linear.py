@@ -24,8 +24,9 @@ class Linear(Layer):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
         self.weight = self.param((cfg.input_dim, cfg.output_dim), axes=cfg.axes, rngs=rngs)
-        bias_init = constant_init(0.0)
-        self.bias = self.param((cfg.output_dim,), axes=cfg.axes[1:], rngs=rngs, fan_in_axes=(), init=bias_init) if cfg.bias else None
+        self.bias = (
+            self.param((cfg.output_dim,), axes=cfg.axes[1:], rngs=rngs, init=constant_init(0.0)) if cfg.bias else None
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.einsum("...i,io->...o", x, self.weight[...].astype(x.dtype))

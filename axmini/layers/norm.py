@@ -22,7 +22,7 @@ class RMSNorm(Layer):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        self.scale = self.param((cfg.input_dim,), axes=(cfg.axis_name,), rngs=rngs, fan_in_axes=(), init=constant_init(1.0))
+        self.scale = self.param((cfg.input_dim,), axes=(cfg.axis_name,), rngs=rngs, init=constant_init(1.0))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -41,8 +41,8 @@ class LayerNorm(Layer):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        self.scale = self.param((cfg.input_dim,), axes=(cfg.axis_name,), rngs=rngs, fan_in_axes=(), init=constant_init(1.0))
-        self.bias = self.param((cfg.input_dim,), axes=(cfg.axis_name,), rngs=rngs, fan_in_axes=(), init=constant_init(0.0))
+        self.scale = self.param((cfg.input_dim,), axes=(cfg.axis_name,), rngs=rngs, init=constant_init(1.0))
+        self.bias = self.param((cfg.input_dim,), axes=(cfg.axis_name,), rngs=rngs, init=constant_init(0.0))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
