@@ -1,0 +1,202 @@
+"""Mesh rules: one experiment, any hardware.
+
+An *instance type* names hardware (`cpu`, `gpu-h100-8`, `tpu-v5p-256`, ...); the table below says how many chips a
+host has and how many hosts a slice has, which is what `axmini launch` needs. A *mesh rule* maps instance types (a
+full-match regex; the first matching rule wins) to a mesh shape over the axes `data, fsdp, expert, seq, model`
+(one entry may be -1: inferred from the device count), the logical-axis rules that place parameters and activations
+on that mesh, and config modifiers (remat, batch size...) that suit the hardware. The experiment itself never changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh
+
+from axmini.config import ConfigBase, ConfigModifier
+
+MESH_AXES = ("data", "fsdp", "expert", "seq", "model")
+
+# Parameters: embed over fsdp (ZeRO-3 style), heads/mlp/vocab over model (tensor parallel), experts over expert.
+# Activations: batch over every data-parallel axis; the first dim to claim a mesh axis gets it.
+DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", "seq"),
+    ("embed", "fsdp"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("vocab", "model"),
+    ("expert", "expert"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+class MeshRuleError(ValueError):
+    """A mesh rule that does not fit the hardware or the instance type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceType:
+    """What `launch` and MFU need to know about a kind of machine."""
+
+    name: str
+    platform: str  # cpu, gpu or tpu
+    accelerator: str  # GKE accelerator label (or "" for cpu)
+    chips_per_host: int
+    hosts_per_slice: int
+    topology: str = ""  # TPU topology, e.g. "4x4x8"
+    machine_type: str = ""  # GCE machine type of one host
+    peak_flops_per_chip: float | None = None  # dense bf16 FLOP/s
+
+    @property
+    def chips_per_slice(self) -> int:
+        return self.chips_per_host * self.hosts_per_slice
+
+
+# TPU generation -> (GKE accelerator label, machine type prefix, "N" counts cores (2 per chip)?, peak bf16 FLOP/s, 3D?)
+_TPU_GENERATIONS = {
+    "v4": ("tpu-v4-podslice", "ct4p-hightpu-4t", True, 275e12, True),
+    "v5p": ("tpu-v5p-slice", "ct5p-hightpu-4t", True, 459e12, True),
+    "v5e": ("tpu-v5-lite-podslice", "ct5lp-hightpu", False, 197e12, False),
+    "v6e": ("tpu-v6e-slice", "ct6e-standard", False, 918e12, False),
+}
+_GPUS = {
+    "h100": ("nvidia-h100-80gb", "a3-highgpu-8g", 989e12),
+    "h200": ("nvidia-h200-141gb", "a3-ultragpu-8g", 989e12),
+    "a100": ("nvidia-a100-80gb", "a2-ultragpu-8g", 312e12),
+}
+
+
+def _topology(chips: int, three_d: bool) -> str:
+    """The standard slice topology for `chips` chips (as GKE and gcloud name it)."""
+    dims = ([2, 2, 1] if chips >= 4 else [1, 1, 1]) if three_d else [1, 1]
+    while math.prod(dims) < chips:  # Double the smallest dim, the last one among equals: 2x2x1, 2x2x2, 2x2x4, 2x4x4...
+        smallest = min(range(len(dims)), key=lambda d: (dims[d], -d))
+        dims[smallest] *= 2
+    return "x".join(str(d) for d in dims)
+
+
+def instance_type(name: str) -> InstanceType:
+    """Parses an instance type name: `cpu`, `gpu-<h100|h200|a100>-8`, `tpu-<v4|v5p|v5e|v6e>-<N>`."""
+    if name == "cpu":
+        return InstanceType("cpu", "cpu", "", chips_per_host=jax.local_device_count(), hosts_per_slice=1)
+    gpu = re.fullmatch(r"gpu-(h100|h200|a100)-(\d+)", name)
+    if gpu:
+        accelerator, machine, flops = _GPUS[gpu.group(1)]
+        count = int(gpu.group(2))
+        if count != 8:
+            raise MeshRuleError(f"instance type {name!r}: GPU hosts have 8 GPUs (use gpu-{gpu.group(1)}-8)")
+        return InstanceType(name, "gpu", accelerator, 8, 1, machine_type=machine, peak_flops_per_chip=flops)
+    tpu = re.fullmatch(r"tpu-(v4|v5p|v5e|v6e)-(\d+)", name)
+    if tpu:
+        accelerator, machine, counts_cores, flops, three_d = _TPU_GENERATIONS[tpu.group(1)]
+        n = int(tpu.group(2))
+        chips = n // 2 if counts_cores else n
+        if chips < 1 or chips & (chips - 1):
+            raise MeshRuleError(f"instance type {name!r}: the size must be a power of two")
+        single_host_max = 4 if three_d else 8
+        chips_per_host = chips if chips <= single_host_max else 4
+        if not three_d and chips <= single_host_max:
+            machine = f"{machine}-{chips}t"
+        elif not three_d:
+            machine = f"{machine}-4t"
+        return InstanceType(
+            name, "tpu", accelerator, chips_per_host, chips // chips_per_host, _topology(chips, three_d), machine, flops
+        )
+    known = ["cpu", *(f"gpu-{g}-8" for g in _GPUS), *(f"tpu-{t}-256" for t in _TPU_GENERATIONS)]
+    close = difflib.get_close_matches(name, known, n=2, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    forms = "cpu, gpu-<h100|h200|a100>-8, tpu-<v4|v5p|v5e|v6e>-<N>"
+    raise MeshRuleError(f"unknown instance type {name!r}{hint} (known forms: {forms})")
+
+
+class MeshRule(ConfigBase):
+    """Instance types matching `pattern` get this mesh, these logical-axis rules and these modifiers."""
+
+    pattern: str = ".*"
+    # Per-slice mesh shape over MESH_AXES (missing axes are 1; one entry may be -1). Slices stack on `data`.
+    mesh_shape: dict[str, int] = {"fsdp": -1}
+    logical_axis_rules: list[tuple[str, Any]] = list(DEFAULT_LOGICAL_AXIS_RULES)
+    modifiers: list[ConfigModifier.Config] = []
+
+
+def default_mesh_rules() -> list[MeshRule]:
+    """The rules every experiment starts with: FSDP within a host or slice, data parallel across slices."""
+    return [
+        MeshRule(pattern="cpu", mesh_shape={"fsdp": -1}),
+        MeshRule(pattern="gpu-.*", mesh_shape={"fsdp": -1}),
+        MeshRule(pattern="tpu-v5e-.*|tpu-v6e-.*", mesh_shape={"fsdp": -1, "model": 1}),
+        MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1}),
+    ]
+
+
+def select_mesh_rule(instance: str, rules: Sequence[MeshRule]) -> MeshRule:
+    """The first rule whose pattern fully matches `instance`."""
+    for rule in rules:
+        if re.fullmatch(rule.pattern, instance):
+            return rule
+    patterns = ", ".join(repr(r.pattern) for r in rules)
+    raise MeshRuleError(f"no mesh rule matches instance type {instance!r} (rules: {patterns}); add one to mesh_rules")
+
+
+def resolve_mesh_shape(rule: MeshRule, num_devices: int, num_slices: int = 1) -> tuple[int, ...]:
+    """The per-slice shape over MESH_AXES with -1 inferred; refused when it does not divide the devices."""
+    unknown = set(rule.mesh_shape) - set(MESH_AXES)
+    if unknown:
+        raise MeshRuleError(f"mesh rule {rule.pattern!r}: unknown mesh axes {sorted(unknown)} (axes: {MESH_AXES})")
+    shape = [rule.mesh_shape.get(axis, 1) for axis in MESH_AXES]
+    if sum(d == -1 for d in shape) > 1 or any(d == 0 or d < -1 for d in shape):
+        raise MeshRuleError(f"mesh rule {rule.pattern!r}: shape {rule.mesh_shape} needs sizes > 0 and at most one -1")
+    if num_devices % num_slices:
+        raise MeshRuleError(f"{num_devices} devices do not split into {num_slices} slices")
+    per_slice = num_devices // num_slices
+    known = math.prod(d for d in shape if d != -1)
+    if per_slice % known or (-1 not in shape and known != per_slice):
+        raise MeshRuleError(
+            f"mesh rule {rule.pattern!r}: shape {rule.mesh_shape} (product {known}) does not fit "
+            f"{per_slice} devices per slice ({num_devices} devices, {num_slices} slices)"
+        )
+    return tuple(per_slice // known if d == -1 else d for d in shape)
+
+
+def make_mesh(rule: MeshRule, devices: Sequence[jax.Device] | None = None, num_slices: int = 1) -> Mesh:
+    """A mesh over MESH_AXES for `devices` (default: all); with several slices, `data` spans them (DCN)."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(rule, len(devices), num_slices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if num_slices > 1:
+        dcn = tuple(num_slices if axis == "data" else 1 for axis in MESH_AXES)
+        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn, devices, process_is_granule=True)
+    elif devices[0].platform == "cpu":
+        grid = np.array(devices).reshape(shape)
+    else:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def detect_instance_type() -> str:
+    """The instance type of the running backend (cpu, gpu-h100-8, tpu-v5p-256, ...)."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return "cpu"
+    kind = device.device_kind.lower()
+    if device.platform == "gpu":
+        for gpu in _GPUS:
+            if gpu in kind:
+                return f"gpu-{gpu}-8"
+        raise MeshRuleError(f"unknown GPU {device.device_kind!r}; pass --mesh_selector explicitly")
+    for generation, (_, _, counts_cores, _, _) in _TPU_GENERATIONS.items():
+        if generation.replace("v5e", "v5 lite") in kind or generation in kind.replace(" ", ""):
+            chips = jax.device_count()
+            return f"tpu-{generation}-{chips * 2 if counts_cores else chips}"
+    raise MeshRuleError(f"unknown accelerator {device.device_kind!r}; pass --mesh_selector explicitly")
