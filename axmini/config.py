@@ -296,9 +296,11 @@ class ConfigBase:
         return self._hash
 
     def __repr__(self) -> str:
-        return f"{type(self).__qualname__}{_klass_suffix(self)}(\n  " + "\n  ".join(
-            self.debug_string().splitlines()
-        ) + "\n)"
+        return (
+            f"{type(self).__qualname__}{_klass_suffix(self)}(\n  "
+            + "\n  ".join(self.debug_string().splitlines())
+            + "\n)"
+        )
 
 
 def _unknown_field_message(cfg: ConfigBase, name: str, names: Sequence[str]) -> str:
