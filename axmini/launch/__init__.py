@@ -1,0 +1,1 @@
+"""The `axmini` command line: train, launch (local multi-process runs, TPU/GPU pods), configs."""
