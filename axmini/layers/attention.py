@@ -1,0 +1,502 @@
+"""Multi-head attention: the QKV projection slot, masks, kernels and the KV cache, on one code path.
+
+Two slots make every attention variant a config:
+
+- `input_linear` (a `BaseQKVProjection`) maps x to q, k, v. `project` does the projections, `rotate` the
+  positional encoding (identity here; RoPE in position.py wraps any projection), so qk-norm can sit in
+  between and a feature like RoPE reaches every attention without editing one.
+- The attention layer's own config chooses grouped-query heads, sliding window, soft-capping and kernel.
+
+Masking is by position, not by index: a query at position p sees keys at positions q with
+`0 <= q <= p` (and `p - q <= sliding_window`), in the same segment (segment 0 is padding and is never
+attended). The training forward, prefill and one-token extend differ only in where the keys come from:
+the current tokens, or the KV cache after (full cache) or besides (sliding-window ring buffer) writing
+the current tokens into it. Packed sequences therefore need `segment_ids` whenever positions restart.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, NamedTuple
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from axmini.config import REQUIRED, ConfigBase, ConfigModifier, Required, map_configs
+from axmini.layers.norm import RMSNorm
+from axmini.module import Layer, shard_activation
+
+Array = jax.Array
+
+
+class QKV(NamedTuple):
+    """Projected queries [B,T,H,Dh] and keys/values [B,T,K,Dh] (None for a query-only projection)."""
+
+    q: Array
+    k: Array | None
+    v: Array | None
+
+
+class KV(NamedTuple):
+    """Keys/values a layer attended over, with what masking needs: what a KV-sharing consumer reads.
+
+    positions: [B,S] int32, -1 marks an empty slot; segment_ids: [B,S] or None (no segment restriction).
+    """
+
+    k: Array
+    v: Array
+    positions: Array
+    segment_ids: Array | None
+
+
+class KVCache(NamedTuple):
+    """Per-layer decoding state. S = cache length (a sliding-window cache is a ring of S <= window slots)."""
+
+    k: Array  # [B,S,K,Dh]
+    v: Array  # [B,S,K,Dh]
+    positions: Array  # [B,S] int32 position held in each slot, -1 = empty
+
+
+class AttentionOutput(NamedTuple):
+    output: Array  # [B,T,D]
+    cache: Any | None  # The updated cache (None when called without one).
+    kv: KV | None  # The (rotated) keys/values attended over, for KV sharing.
+
+
+def _path(cfg: ConfigBase, field: str | None = None) -> str:
+    """The dotted config path of `cfg` (or of its `field`), for error messages."""
+    base = getattr(cfg, "_path", "") or type(cfg).__qualname__.removesuffix(".Config")
+    return f"{base}.{field}" if field else base
+
+
+def fill_child(child: ConfigBase, parent_path: str, **values: Any) -> ConfigBase:
+    """A copy of `child` with the fields its parent owns set to `values`.
+
+    A field already set to a different value is a conflict (e.g. qk_norm.input_dim != head_dim) and is
+    refused rather than silently overwritten.
+    """
+    for name, value in values.items():
+        current = getattr(child, name)
+        if current is not REQUIRED and current != value:
+            raise ValueError(
+                f"{_path(child, name)}={current!r} conflicts with {value!r} required by {parent_path}; "
+                f"leave {name} unset (the parent fills it) or make it equal"
+            )
+    return child.clone(**values)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The QKV projection slot.
+
+
+class BaseQKVProjection(Layer):
+    """x [B,T,D] -> QKV. Subclasses implement `project`; `rotate` adds positional encoding (identity here)."""
+
+    class Config(Layer.Config):
+        # The parent attention fills these four.
+        input_dim: Required[int] = REQUIRED
+        num_heads: Required[int] = REQUIRED
+        num_kv_heads: Required[int] = REQUIRED
+        head_dim: Required[int] = REQUIRED
+
+    # Whether `project` returns keys/values; False for a KV-sharing consumer's query-only projection.
+    has_kv: bool = True
+
+    def project(self, x: Array) -> QKV:
+        raise NotImplementedError(type(self))
+
+    def rotate(self, qkv: QKV, positions: Array) -> QKV:
+        del positions
+        return qkv
+
+    def __call__(self, x: Array, *, positions: Array) -> QKV:
+        return self.rotate(self.project(x), positions)
+
+
+class QKVProjection(BaseQKVProjection):
+    """Separate q [D,H,Dh] and k, v [D,K,Dh] weights (grouped-query when K < H)."""
+
+    def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self.q = self.param(
+            (cfg.input_dim, cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs
+        )
+        kv_shape, kv_axes = (cfg.input_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
+        self.k = self.param(kv_shape, axes=kv_axes, rngs=rngs)
+        self.v = self.param(kv_shape, axes=kv_axes, rngs=rngs)
+
+    def project(self, x: Array) -> QKV:
+        return QKV(*(jnp.einsum("btd,dnh->btnh", x, w[...].astype(x.dtype)) for w in (self.q, self.k, self.v)))
+
+
+class QueryOnlyProjection(BaseQKVProjection):
+    """Only queries q [D,H,Dh] (k = v = None): the projection of a layer that reads another layer's keys/values."""
+
+    has_kv = False
+
+    def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self.q = self.param(
+            (cfg.input_dim, cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs
+        )
+
+    def project(self, x: Array) -> QKV:
+        return QKV(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(x.dtype)), None, None)
+
+
+class FusedQKVProjection(BaseQKVProjection):
+    """One weight [D, K, H/K + 2, Dh]: per kv head, its H/K query heads, its key and its value.
+
+    Grouping by kv head keeps each group's q, k and v on the same shard when `kv_heads` is sharded.
+    Query head h uses kv head h // (H/K), as in `QKVProjection`.
+    """
+
+    def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        group = cfg.num_heads // cfg.num_kv_heads
+        self.qkv = self.param(
+            (cfg.input_dim, cfg.num_kv_heads, group + 2, cfg.head_dim),
+            axes=("embed", "kv_heads", None, "head_dim"),
+            rngs=rngs,
+        )
+
+    def project(self, x: Array) -> QKV:
+        cfg = self.config
+        group = cfg.num_heads // cfg.num_kv_heads
+        y = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(x.dtype))
+        q = y[:, :, :, :group].reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
+        return QKV(q, y[:, :, :, group], y[:, :, :, group + 1])
+
+
+class OutputProjection(Layer):
+    """[B,T,H,Dh] -> [B,T,D] with one weight [H, Dh, D]."""
+
+    class Config(Layer.Config):
+        num_heads: Required[int] = REQUIRED
+        head_dim: Required[int] = REQUIRED
+        output_dim: Required[int] = REQUIRED
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self.weight = self.param(
+            (cfg.num_heads, cfg.head_dim, cfg.output_dim),
+            axes=("heads", "head_dim", "embed"),
+            rngs=rngs,
+            fan_in_axes=(0, 1),
+        )
+
+    def __call__(self, x: Array) -> Array:
+        return jnp.einsum("btnh,nhd->btd", x, self.weight[...].astype(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Masks and kernels.
+
+
+class AttentionKernel(enum.Enum):
+    """How softmax(q k^T) v is computed; both give the same result."""
+
+    REFERENCE = "reference"  # einsum + mask: the implementation the tests trust.
+    XLA = "xla"  # jax.nn.dot_product_attention (no soft-capping: falls back to REFERENCE with it).
+
+
+def attention_mask(
+    q_positions: Array,
+    kv_positions: Array,
+    *,
+    q_segment_ids: Array | None = None,
+    kv_segment_ids: Array | None = None,
+    sliding_window: int | None = None,
+) -> Array:
+    """[B,T,S] bool: query t may attend key s (causal by position, window, segments; -1 = empty slot)."""
+    qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
+    mask = (kp >= 0) & (kp <= qp)
+    if sliding_window is not None:
+        mask &= qp - kp <= sliding_window
+    if q_segment_ids is not None:
+        mask &= q_segment_ids[:, :, None] != 0
+    if kv_segment_ids is not None:
+        mask &= kv_segment_ids[:, None, :] != 0
+    if q_segment_ids is not None and kv_segment_ids is not None:
+        mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    return mask
+
+
+def reference_attention(q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None = None) -> Array:
+    """softmax(q k^T / sqrt(Dh)) v with q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S]; logits in float32."""
+    b, t, h, dh = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    if logit_softcap is not None:
+        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
+
+
+def _attend(
+    q: Array, k: Array, v: Array, mask: Array, *, kernel: AttentionKernel, logit_softcap: float | None
+) -> Array:
+    """Runs the kernel; query rows with nothing to attend (padding) are zero."""
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
+    if kernel is AttentionKernel.XLA and logit_softcap is None:
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    else:
+        out = reference_attention(q, k, v, mask, logit_softcap=logit_softcap)
+    return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attention layer.
+
+
+def _is_traced(*values: Any) -> bool:
+    return any(isinstance(v, jax.core.Tracer) for v in values)
+
+
+class Attention(Layer):
+    """Causal multi-head attention with grouped-query heads, masks, soft-capping and a KV cache.
+
+    `__call__(x, positions=..., segment_ids=..., cache=..., shared_kv=...)`:
+    - cache=None: the training forward over x.
+    - with a cache (from `init_cache`): x holds T >= 1 new tokens at `positions`; they are written into the
+      cache and attend to every valid slot (prefill: T = prompt length, extend: T = 1). Tokens with
+      segment id 0 are padding: not written, never attended. In cache mode `segment_ids` only mark
+      padding; one sequence per batch row.
+    - shared_kv: the keys/values of another layer (this layer's `input_linear` is a QueryOnlyProjection,
+      possibly wrapped by RoPE); the layer keeps no cache.
+
+    Writing a position that does not fit the cache (position >= S for a full cache, or for a window cache
+    shorter than the window) raises ValueError when positions are concrete; under jit the write is
+    dropped and that token's output is NaN, so the mistake cannot pass unnoticed.
+    """
+
+    class Config(Layer.Config):
+        input_dim: Required[int] = REQUIRED
+        num_heads: Required[int] = REQUIRED
+        num_kv_heads: int | None = None  # None: num_heads (multi-head); 1: multi-query.
+        head_dim: int | None = None  # None: input_dim // num_heads.
+        input_linear: BaseQKVProjection.Config = QKVProjection.default_config()
+        # The [H, Dh, D] output projection.
+        output_linear: OutputProjection.Config = OutputProjection.default_config()
+        # RMSNorm of q and k over head_dim (separate scales), before positional encoding. None: off.
+        qk_norm: RMSNorm.Config | None = None
+        # Local attention: the query at position i sees keys at positions i - window .. i.
+        sliding_window: int | None = None
+        # Logits become cap * tanh(logits / cap). None: off.
+        logit_softcap: float | None = None
+        kernel: AttentionKernel = AttentionKernel.REFERENCE
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self._validate()
+        path = _path(cfg)
+        dims = dict(num_heads=cfg.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
+        self.input_linear = fill_child(cfg.input_linear, path, input_dim=cfg.input_dim, **dims).instantiate(rngs=rngs)
+        self.output_linear = fill_child(
+            cfg.output_linear, path, output_dim=cfg.input_dim, num_heads=cfg.num_heads, head_dim=self.head_dim
+        ).instantiate(rngs=rngs)
+        norm_cfg = fill_child(cfg.qk_norm, path, input_dim=self.head_dim) if cfg.qk_norm is not None else None
+        norm_cfg = norm_cfg.set(axis_name="head_dim") if norm_cfg is not None else None
+        self.q_norm = norm_cfg.instantiate(rngs=rngs) if norm_cfg is not None else None
+        self.k_norm = norm_cfg.instantiate(rngs=rngs) if norm_cfg is not None and self.input_linear.has_kv else None
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_kv_heads or self.config.num_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim or self.config.input_dim // self.config.num_heads
+
+    def _validate(self) -> None:
+        cfg = self.config
+        for name in ("input_dim", "num_heads", "num_kv_heads", "head_dim", "sliding_window"):
+            value = getattr(cfg, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{_path(cfg, name)}={value} must be positive")
+        if cfg.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{_path(cfg, 'num_heads')}={cfg.num_heads} is not divisible by "
+                f"{_path(cfg, 'num_kv_heads')}={cfg.num_kv_heads}; use a divisor of num_heads"
+            )
+        if cfg.head_dim is None and cfg.input_dim % cfg.num_heads:
+            raise ValueError(
+                f"{_path(cfg, 'input_dim')}={cfg.input_dim} is not divisible by {_path(cfg, 'num_heads')}="
+                f"{cfg.num_heads}; set {_path(cfg, 'head_dim')} explicitly"
+            )
+        if cfg.logit_softcap is not None and cfg.logit_softcap <= 0:
+            raise ValueError(f"{_path(cfg, 'logit_softcap')}={cfg.logit_softcap} must be positive (or None: off)")
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache | None:
+        """An empty cache for `max_length` positions (a ring of min(window, max_length) slots for local
+        attention); None for a KV-sharing consumer, which keeps no cache."""
+        if not self.input_linear.has_kv:
+            return None
+        window = self.config.sliding_window
+        length = min(window, max_length) if window is not None else max_length
+        shape = (batch_size, length, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((batch_size, length), -1, jnp.int32))
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: KVCache | None = None,
+        shared_kv: KV | None = None,
+    ) -> AttentionOutput:
+        cfg = self.config
+        self._check_call(x, positions, segment_ids, cache, shared_kv)
+        x = shard_activation(x, ("batch", "length", "embed"))
+        qkv = self.input_linear.project(x)
+        if self.q_norm is not None:
+            qkv = QKV(self.q_norm(qkv.q), self.k_norm(qkv.k) if qkv.k is not None else None, qkv.v)
+        q, k, v = self.input_linear.rotate(qkv, positions)
+        q = shard_activation(q, ("batch", "length", "heads", "head_dim"))
+        poison = None
+        if shared_kv is not None:
+            kv, new_cache = shared_kv, None
+        elif cache is None:
+            kv_axes = ("batch", "length", "kv_heads", "head_dim")
+            kv = KV(shard_activation(k, kv_axes), shard_activation(v, kv_axes), positions, segment_ids)
+            new_cache = None
+        else:
+            kv, new_cache, poison = self._update_cache(cache, k, v, positions, segment_ids)
+        mask = attention_mask(
+            positions,
+            kv.positions,
+            q_segment_ids=segment_ids,
+            kv_segment_ids=kv.segment_ids,
+            sliding_window=cfg.sliding_window,
+        )
+        out = _attend(q, kv.k, kv.v, mask, kernel=cfg.kernel, logit_softcap=cfg.logit_softcap)
+        if poison is not None:
+            out = jnp.where(poison[:, :, None, None], jnp.nan, out)
+        out = shard_activation(self.output_linear(out), ("batch", "length", "embed"))
+        return AttentionOutput(out, new_cache, kv)
+
+    def _check_call(
+        self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None, shared_kv: KV | None
+    ) -> None:
+        """Refuses inconsistent calls while tracing (shapes and modes are static)."""
+        name = type(self).__name__
+        if x.ndim != 3 or x.shape[-1] != self.config.input_dim:
+            raise ValueError(f"{name}: x must be [B, T, {self.config.input_dim}], got {x.shape}")
+        for label, value in (("positions", positions), ("segment_ids", segment_ids)):
+            if value is not None and value.shape != x.shape[:2]:
+                raise ValueError(f"{name}: {label} must be [B, T] = {x.shape[:2]}, got {value.shape}")
+        has_kv = self.input_linear.has_kv
+        if shared_kv is None and not has_kv:
+            raise ValueError(f"{_path(self.config, 'input_linear')} projects queries only: pass shared_kv")
+        if shared_kv is not None and has_kv:
+            raise ValueError(
+                f"{name} got shared_kv but {_path(self.config, 'input_linear')} projects its own keys/values; "
+                "configure a QueryOnlyProjection for a KV-sharing consumer"
+            )
+        if shared_kv is not None and cache is not None:
+            raise ValueError(f"{name}: a KV-sharing consumer keeps no cache; pass cache=None")
+        if cache is None or _is_traced(positions, segment_ids):
+            return
+        valid = np.asarray(positions) >= 0
+        if segment_ids is not None:
+            valid &= np.asarray(segment_ids) != 0
+        limit = self._cache_limit(cache)
+        if limit is not None and valid.any() and np.asarray(positions)[valid].max() >= limit:
+            raise ValueError(
+                f"{name}: position {np.asarray(positions)[valid].max()} does not fit a KV cache of length {limit}; "
+                "call init_cache with a larger max_length"
+            )
+
+    def _cache_limit(self, cache: KVCache) -> int | None:
+        """The first position that does not fit `cache`; None when a ring buffer never runs out."""
+        length = cache.k.shape[1]
+        window = self.config.sliding_window
+        return None if window is not None and length >= window else length
+
+    def _update_cache(
+        self, cache: KVCache, k: Array, v: Array, positions: Array, segment_ids: Array | None
+    ) -> tuple[KV, KVCache, Array]:
+        """Writes the new tokens into the cache; returns the keys to attend over, the new cache and the
+        [B,T] mask of tokens whose write did not fit (their output becomes NaN)."""
+        length = cache.k.shape[1]
+        valid = positions >= 0 if segment_ids is None else (positions >= 0) & (segment_ids != 0)
+        limit = self._cache_limit(cache)
+        overflow = valid & (positions >= limit) if limit is not None else jnp.zeros_like(valid)
+        keep = valid & ~overflow
+        if self.config.sliding_window is None:
+            slots = positions
+        else:
+            # A ring buffer: keep each row's newest `length` tokens, at slot position % length.
+            newest = jnp.max(jnp.where(valid, positions, -1), axis=1, keepdims=True)
+            keep &= positions > newest - length
+            slots = positions % length
+        slots = jnp.where(keep, slots, length)  # Out of range: dropped by the scatter.
+        rows = jnp.arange(k.shape[0])[:, None]
+
+        def write(buffer: Array, values: Array) -> Array:
+            return buffer.at[rows, slots].set(values.astype(buffer.dtype), mode="drop")
+
+        new_cache = KVCache(write(cache.k, k), write(cache.v, v), write(cache.positions, positions))
+        if self.config.sliding_window is None:
+            kv = KV(new_cache.k, new_cache.v, new_cache.positions, None)
+        else:
+            # The ring may have overwritten keys that earlier new tokens still need: attend over the old
+            # cache plus the new tokens instead.
+            new_positions = jnp.where(keep, positions, -1).astype(jnp.int32)
+            kv = KV(
+                jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1),
+                jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1),
+                jnp.concatenate([cache.positions, new_positions], axis=1),
+                None,
+            )
+        return kv, new_cache, overflow
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature modifiers.
+
+
+def is_attention_config(cfg: ConfigBase) -> bool:
+    """An attention-like config: one with an `input_linear` of the QKV projection family."""
+    return isinstance(getattr(cfg, "input_linear", None), BaseQKVProjection.Config)
+
+
+def map_attention_configs(cfg: ConfigBase, fn: Any) -> ConfigBase:
+    """A copy of the tree with `fn(c)` applied to every attention-like config `c`, nested ones included."""
+
+    def apply(attention: ConfigBase) -> ConfigBase:
+        attention = fn(attention)
+        for name, value in attention.items():
+            if name != "input_linear" and isinstance(value, (ConfigBase, list, dict)):
+                setattr(attention, name, map_configs(value, is_attention_config, apply))
+        return attention
+
+    return map_configs(cfg, is_attention_config, apply)
+
+
+class SlidingWindowModifier(ConfigModifier):
+    """Makes every attention in a tree local with the given window."""
+
+    class Config(ConfigModifier.Config):
+        sliding_window: Required[int] = REQUIRED
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        window = self.config.sliding_window
+        if window <= 0:
+            raise ValueError(f"{_path(self.config, 'sliding_window')}={window} must be positive")
+
+        def set_window(attention: ConfigBase) -> ConfigBase:
+            return attention.set(sliding_window=window) if "sliding_window" in attention.field_names() else attention
+
+        return map_attention_configs(cfg, set_window)
