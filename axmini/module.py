@@ -116,10 +116,25 @@ def _path_string(path: Sequence[Any]) -> str:
     return "/".join(str(getattr(p, "key", p)) for p in path)
 
 
+def _flat_values(state: nnx.State) -> dict[str, jax.Array]:
+    return {_path_string(path): v.get_value() for path, v in nnx.to_flat_state(state)}
+
+
+class AuxCapture(NamedTuple):
+    output: Any
+    losses: dict[str, jax.Array]  # {module path/name: scalar}
+    summaries: dict[str, jax.Array]
+
+
+def capture_aux(fn: Callable[..., Any], model: nnx.Module, *args: Any, **kwargs: Any) -> AuxCapture:
+    """Runs `fn(model, *args, **kwargs)` and returns its output with every AuxLoss and Summary sown meanwhile."""
+    output, losses, summaries = nnx.capture(fn, AuxLoss, Summary)(model, *args, **kwargs)
+    return AuxCapture(output, _flat_values(losses), _flat_values(summaries))
+
+
 def pop_aux(model: nnx.Module, kind: type[nnx.Variable] = AuxLoss) -> dict[str, jax.Array]:
-    """Removes the sown values of `kind` from `model`, as {module path/name: value}."""
-    state = nnx.pop(model, kind)
-    return {_path_string(path): v for path, v in nnx.to_flat_state(state) for v in [v.get_value()]}
+    """Removes values of `kind` sown outside `capture_aux` from `model`, as {module path/name: value}."""
+    return _flat_values(nnx.pop(model, kind))
 
 
 # ----------------------------------------------------------------------------------------------------
