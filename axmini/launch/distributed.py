@@ -50,7 +50,8 @@ def _int_env(env: Mapping[str, str], name: str, *, minimum: int) -> int:
     return value
 
 
-def _process_id(env: Mapping[str, str], num_processes: int) -> int:
+def process_id_from_env(env: Mapping[str, str], num_processes: int) -> int:
+    """This process's id: AXMINI_PROCESS_ID, or slice id x processes per slice + host id."""
     if ENV_PROCESS_ID in env:
         process_id = _int_env(env, ENV_PROCESS_ID, minimum=0)
     elif ENV_SLICE_ID in env and ENV_HOST_ID in env:
@@ -102,6 +103,6 @@ def initialize_from_env(environ: Mapping[str, str] | None = None) -> Distributed
             jax.distributed.initialize(
                 coordinator_address=coordinator,
                 num_processes=num_processes,
-                process_id=_process_id(env, num_processes),
+                process_id=process_id_from_env(env, num_processes),
             )
     return DistributedSetup(jax.process_index(), jax.process_count(), jax.local_device_count())
