@@ -1,0 +1,316 @@
+"""Patch mode: lines written stay flat while the configs a feature changes grow, and every patched model builds."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+from typing import Any
+
+import flax.nnx as nnx
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from axmini.config import REQUIRED, ConfigBase, ConfigModifier, Required, map_configs, replace_config
+from axmini.layers.linear import Linear
+from axmini.module import Layer
+from axmini.tools.patches import (
+    Family,
+    UnknownFeatureError,
+    baseline_complexity,
+    baseline_files,
+    baseline_sweep,
+    config_paths_changed,
+    grid_sizes,
+    layers_changed,
+    modifier_config,
+    modifier_lines,
+    patch_target,
+    powers_of_two,
+    registered_features,
+    select_features,
+    sweep,
+    synthetic_family,
+)
+
+# ----------------------------------------------------------------------------------------------------
+# Toy layers: a model of blocks, each with an attention slot (with a positional slot) and a feed-forward slot.
+
+
+class ToyRotary(Layer):
+    class Config(Layer.Config):
+        dim: Required[int] = REQUIRED
+        theta: float = 10000.0
+
+    def __call__(self, x: Any) -> Any:
+        angles = jnp.arange(x.shape[-1]) / self.config.theta
+        return x * jnp.cos(angles)
+
+
+class ToyAttention(Layer):
+    class Config(Layer.Config):
+        dim: Required[int] = REQUIRED
+        scale: float = 1.0
+        position: Layer.Config | None = None
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self.w = self.param((cfg.dim, cfg.dim), axes=("embed", "heads"), rngs=rngs)
+        self.position = cfg.position.clone(dim=cfg.dim).instantiate(rngs=rngs) if cfg.position else None
+
+    def __call__(self, x: Any) -> Any:
+        x = self.position(x) if self.position is not None else x
+        return (x @ self.w[...]) * self.config.scale
+
+
+class ToyFeedForward(Layer):
+    class Config(Layer.Config):
+        dim: Required[int] = REQUIRED
+        hidden: int = 16
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.w = self.param((self.config.dim, self.config.hidden), axes=("embed", "mlp"), rngs=rngs)
+
+    def __call__(self, x: Any) -> Any:
+        return jnp.tanh(x @ self.w[...]) @ self.w[...].T
+
+
+class ToyMoE(Layer):
+    class Config(Layer.Config):
+        dim: Required[int] = REQUIRED
+        hidden: int = 16
+        num_experts: int = 4
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self.w = self.param((cfg.num_experts, cfg.dim, cfg.hidden), axes=("expert", "embed", "mlp"), rngs=rngs)
+
+    def __call__(self, x: Any) -> Any:
+        return jnp.mean(jnp.einsum("...d,edh,efh->...f", x, self.w[...], self.w[...]), axis=-1, keepdims=True)
+
+
+class ToyBlock(Layer):
+    class Config(Layer.Config):
+        dim: Required[int] = REQUIRED
+        attention: Layer.Config = ToyAttention.default_config()
+        feed_forward: Layer.Config = ToyFeedForward.default_config()
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.attention = self.config.attention.clone(dim=self.config.dim).instantiate(rngs=rngs)
+        self.feed_forward = self.config.feed_forward.clone(dim=self.config.dim).instantiate(rngs=rngs)
+
+    def __call__(self, x: Any) -> Any:
+        x = x + self.attention(x)
+        return x + self.feed_forward(x)
+
+
+class ToyModel(Layer):
+    class Config(Layer.Config):
+        dim: int = 8
+        blocks: list[ToyBlock.Config] = []
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.blocks = nnx.List([b.clone(dim=self.config.dim).instantiate(rngs=rngs) for b in self.config.blocks])
+
+    def __call__(self, x: Any) -> Any:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+# Toy features: each a ConfigModifier, as axmini/features.py registers the real ones.
+
+
+class ToyRoPEModifier(ConfigModifier):
+    class Config(ConfigModifier.Config):
+        theta: float = 10000.0
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        rotary = ToyRotary.default_config().set(theta=self.config.theta)
+        return map_configs(cfg, ToyAttention, lambda c: c.set(position=rotary))
+
+
+class ToyMoEModifier(ConfigModifier):
+    class Config(ConfigModifier.Config):
+        num_experts: int = 4
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        new = ToyMoE.default_config().set(num_experts=self.config.num_experts)
+        return replace_config(cfg, target=ToyFeedForward, new=new)
+
+
+class BrokenModifier(ConfigModifier):
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        # The attention fills `dim` into its position config, which a Linear does not have: building fails.
+        return map_configs(cfg, ToyAttention, lambda c: c.set(position=Linear.default_config()))
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyFeature:
+    name: str
+    modifier: Any
+    user_code: str
+
+
+FEATURES = {
+    "rope": ToyFeature(
+        "rope",
+        ToyRoPEModifier.default_config,
+        "# RoPE everywhere.\ncfg = ToyRoPEModifier.default_config().set(theta=1e4).instantiate()(cfg)\n",
+    ),
+    "moe": ToyFeature(
+        "moe", ToyMoEModifier.default_config(), "cfg = ToyMoEModifier.default_config().instantiate()(cfg)"
+    ),
+}
+
+
+def toy_model(i: int) -> ConfigBase:
+    """Model i has 1 + i % 3 blocks and feed-forward width 8 * (1 + i)."""
+    block = ToyBlock.default_config()
+    block.feed_forward.set(hidden=8 * (1 + i))
+    return ToyModel.default_config().set(blocks=[block.clone() for _ in range(1 + i % 3)])
+
+
+def toy_variant(j: int) -> Any:
+    return lambda cfg: map_configs(cfg, ToyAttention, lambda c: c.set(scale=1.0 / (1 + j)))
+
+
+def toy_forward(cfg: ConfigBase) -> None:
+    y = cfg.instantiate(rngs=nnx.Rngs(0))(jnp.ones((2, 8)))
+    assert np.isfinite(np.asarray(y)).all()
+
+
+def toy_family(num_models: int = 4, num_variants: int = 4, forward: bool = True) -> Family:
+    return Family(
+        "toy",
+        [(f"model{i}", functools.partial(toy_model, i)) for i in range(num_models)],
+        [(f"scale{j}", toy_variant(j)) for j in range(num_variants)],
+        variant_slot=ToyAttention,
+        forward_check=toy_forward if forward else None,
+    )
+
+
+def _blocks(n: int, m: int) -> int:
+    """Attention (and feed-forward) configs in the first n models x m variants: model i has 1 + i % 3 blocks."""
+    return m * sum(1 + i % 3 for i in range(n))
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_rope_patch_changes_each_attention_by_the_rotary_config_leaves() -> None:
+    before = toy_model(2)  # 3 blocks
+    after = modifier_config(FEATURES["rope"]).instantiate()(before.clone())
+    leaves = len(ToyRotary.default_config().to_flat_dict())
+    paths = config_paths_changed(before, after)
+    # Per block: `position: None` goes, the rotary config's leaves appear.
+    assert len(paths) == 3 * (1 + leaves)
+    assert "blocks[0].attention.position" in paths and "blocks[2].attention.position.theta" in paths
+    assert layers_changed(before, after) == [f"blocks[{k}].attention.position" for k in range(3)]
+
+
+def test_moe_patch_swaps_each_feed_forward_class() -> None:
+    before = toy_model(1)  # 2 blocks
+    after = modifier_config(FEATURES["moe"]).instantiate()(before.clone())
+    assert config_paths_changed(before, after) == [
+        f"blocks[{k}].feed_forward.{leaf}" for k in range(2) for leaf in ("klass", "num_experts")
+    ]
+    assert layers_changed(before, after) == ["blocks[0].feed_forward", "blocks[1].feed_forward"]
+
+
+@pytest.mark.parametrize("name", sorted(FEATURES))
+def test_lines_written_stay_constant_while_config_paths_grow(name: str) -> None:
+    result = sweep(FEATURES[name], toy_family(), grid_sizes(4, 2))
+    per_block = {"rope": 1 + len(ToyRotary.default_config().to_flat_dict()), "moe": 2}[name]
+    user = {"rope": 1, "moe": 1}[name]  # The comment line of rope's user code is not code.
+    for point in result.points:
+        assert point.user_lines == user
+        assert point.paths_changed == per_block * _blocks(point.n, point.m)
+        assert point.layers_changed == _blocks(point.n, point.m)
+        assert point.built == point.forward_ok == point.forward_checked == point.targets and not point.failures
+    assert result.complexity("user_lines").label == "O(1)"
+    assert result.complexity("paths_changed").label == "O(N*M)"
+    by_size = {(p.n, p.m): p.paths_changed for p in result.points}
+    assert by_size[1, 1] < by_size[2, 1] < by_size[4, 1] < by_size[4, 2]
+
+
+def test_slot_reach_decides_which_baseline_classes_are_edited() -> None:
+    rope = sweep(FEATURES["rope"], toy_family(forward=False), [(2, 2)], build=False)
+    moe = sweep(FEATURES["moe"], toy_family(forward=False), [(2, 2)], build=False)
+    assert rope.reaches_slot and not rope.reaches_outside_slot
+    assert moe.reaches_outside_slot and not moe.reaches_slot
+
+
+def test_modifier_lines_count_the_modifier_source_without_docstrings() -> None:
+    # class, Config class, field, def __call__, rotary = ..., return: 6 code lines.
+    assert modifier_lines(ToyRoPEModifier.default_config()) == 6
+
+
+def test_a_patch_that_breaks_the_model_is_reported_not_raised() -> None:
+    broken = ToyFeature("broken", BrokenModifier.default_config(), "cfg = Broken()(cfg)")
+    result = patch_target(broken, toy_family(), 0, 0)
+    assert not result.built and result.error.startswith("build: ")
+    point = sweep(broken, toy_family(forward=False), [(2, 1)]).points[0]
+    assert point.built == 0 and len(point.failures) == 2
+
+
+def test_baseline_costs_n_times_m_class_edits_for_a_variant_feature(tmp_path: Any) -> None:
+    sizes = grid_sizes(4, 4)
+    points = baseline_sweep("rope", sizes, variants=True, models=False, workdir=tmp_path)
+    for p in points:
+        # One config field, then per model file one import and two lines in each of its m attention classes.
+        assert p.integration_loc == 1 + p.n * (1 + 2 * p.m)
+        assert p.classes_touched == p.n * p.m + 1  # + the shared config class
+        assert p.functions_touched == 2 * p.n * p.m
+        assert p.modules_affected == p.n + 1
+        assert p.implementation_loc == 4
+    fit = baseline_complexity(points)
+    assert fit.label == "O(N*M)"
+
+
+def test_baseline_costs_n_model_edits_for_a_model_feature(tmp_path: Any) -> None:
+    points = baseline_sweep("moe", [(n, 4) for n in powers_of_two(8)], variants=False, models=True, workdir=tmp_path)
+    assert [p.integration_loc for p in points] == [1 + 3 * n for n in (1, 2, 4, 8)]
+    assert baseline_complexity(points).label == "O(N)"
+
+
+def test_generated_baseline_is_valid_python() -> None:
+    for text in baseline_files(2, 3, "rope", variants=True, models=True).values():
+        ast.parse(text)
+
+
+def test_unknown_feature_suggests_the_closest_name() -> None:
+    with pytest.raises(UnknownFeatureError, match=r"unknown feature 'ropee'; did you mean 'rope'\?"):
+        select_features(["ropee"], FEATURES)
+    assert list(select_features(None, FEATURES)) == list(FEATURES)
+
+
+def test_a_modifier_that_is_not_a_config_modifier_is_refused() -> None:
+    with pytest.raises(TypeError, match="feature 'bad': modifier must be a ConfigModifier"):
+        modifier_config(ToyFeature("bad", ToyAttention.default_config(), ""))
+
+
+def test_sizes_beyond_the_family_are_refused() -> None:
+    with pytest.raises(ValueError, match="has 2 models x 2 variants; sizes ask for 4 x 1"):
+        sweep(FEATURES["rope"], toy_family(2, 2), [(4, 1)])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        powers_of_two(0)
+
+
+@pytest.mark.parametrize("name", sorted(registered_features()) or ["<none registered>"])
+def test_registered_feature_is_flat_in_lines_and_builds_on_the_synthetic_family(name: str) -> None:
+    registry = registered_features()
+    if not registry:
+        pytest.skip("axmini/features.py does not exist yet")
+    family = synthetic_family(2, 2)
+    result = sweep(registry[name], family, grid_sizes(2, 2))
+    assert result.complexity("user_lines").label == "O(1)"
+    largest = result.points[-1]
+    assert largest.built == largest.targets and largest.forward_ok == largest.forward_checked, largest.failures
+    assert largest.paths_changed > result.points[0].paths_changed
