@@ -406,6 +406,8 @@ class Attention(Layer):
             )
         if shared_kv is not None and cache is not None:
             raise ValueError(f"{name}: a KV-sharing consumer keeps no cache; pass cache=None")
+        if cache is not None and cache.k.shape[0] != x.shape[0]:
+            raise ValueError(f"{name}: the cache holds batch size {cache.k.shape[0]}, x has {x.shape[0]}")
         if cache is None or _is_traced(positions, segment_ids):
             return
         valid = np.asarray(positions) >= 0
@@ -433,7 +435,8 @@ class Attention(Layer):
         valid = positions >= 0 if segment_ids is None else (positions >= 0) & (segment_ids != 0)
         limit = self._cache_limit(cache)
         overflow = valid & (positions >= limit) if limit is not None else jnp.zeros_like(valid)
-        keep = valid & ~overflow
+        fits = valid & ~overflow
+        keep = fits
         if self.config.sliding_window is None:
             slots = positions
         else:
@@ -453,7 +456,7 @@ class Attention(Layer):
         else:
             # The ring may have overwritten keys that earlier new tokens still need: attend over the old
             # cache plus the new tokens instead.
-            new_positions = jnp.where(keep, positions, -1).astype(jnp.int32)
+            new_positions = jnp.where(fits, positions, -1).astype(jnp.int32)
             kv = KV(
                 jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=1),
                 jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=1),
