@@ -193,15 +193,23 @@ class _TrainerLike(ConfigBase):
     mesh_rules: list[MeshRule] = []
 
 
-def test_mesh_rules_come_from_the_named_experiment() -> None:
-    experiments.register("launch-test-model-16")(
-        lambda: _TrainerLike(mesh_rules=[MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1, "model": 16})])
-    )
-    fits = _spec(instance_type="tpu-v5e-256", command=["axmini", "train", "--experiment=launch-test-model-16"])
+def _model_16_experiment() -> _TrainerLike:
+    return _TrainerLike(mesh_rules=[MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1, "model": 16})])
+
+
+def test_mesh_rules_come_from_the_named_experiment_and_its_overrides() -> None:
+    experiments.register("launch-test-model-16")(_model_16_experiment)
+    fits = _spec(instance_type="tpu-v5e-256", command=["axmini", "train", "--config=launch-test-model-16"])
     assert validate(fits, "jobset") == []
     too_small = fits.clone(instance_type="tpu-v6e-8")  # 8 chips cannot hold model=16
     (error,) = validate(too_small, "jobset")
     assert "experiment 'launch-test-model-16'" in error and "8 devices" in error
+    overridden = fits.clone(command=[*fits.command, "--set", "mesh_rules[0].mesh_shape={'fsdp': -1, 'model': 512}"])
+    (error,) = validate(overridden, "jobset")  # the --set the trainer will apply makes the mesh too big
+    assert "256 devices" in error
+    bad_set = fits.clone(command=[*fits.command, "--set=mesh_rulez=1"])
+    (error,) = validate(bad_set, "jobset")
+    assert "mesh_rulez" in error and "did you mean 'mesh_rules'" in error
     unknown = fits.clone(command=["axmini", "train", "--experiment", "no-such-experiment"])
     (error,) = validate(unknown, "jobset")
     assert "unknown experiment 'no-such-experiment'" in error

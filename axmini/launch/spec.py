@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from typing import Literal
 
-from axmini.config import REQUIRED, ConfigBase, Required
+from axmini.config import REQUIRED, ConfigBase, ConfigError, Required, apply_overrides
 from axmini.mesh_rules import (
     InstanceType,
     MeshRule,
@@ -28,7 +28,8 @@ RENDERERS: tuple[str, ...] = ("jobset", "xpk", "gcloud")
 PRIORITIES: tuple[str, ...] = ("very-low", "low", "medium", "high", "very-high")  # xpk's priority classes
 TRAIN_PREFIX: tuple[str, ...] = ("axmini", "train")
 MESH_SELECTOR_FLAG = "--mesh_selector"
-EXPERIMENT_FLAG = "--experiment"
+EXPERIMENT_FLAGS: tuple[str, ...] = ("--config", "--experiment")  # `axmini train` spells it either way
+SET_FLAG = "--set"
 JAX_COORDINATOR_PORT = 8476  # jax.distributed's default coordinator port on Cloud TPU
 
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -81,22 +82,29 @@ def num_processes(spec: LaunchSpec) -> int:
     return instance_type(spec.instance_type).hosts_per_slice * spec.num_slices
 
 
-def _flag_value(args: Sequence[str], flag: str) -> str | None:
-    """The value of `--flag=value` or `--flag value` in `args` (the last one wins), else None."""
-    value = None
+def _flag_values(args: Sequence[str], *flags: str) -> list[str]:
+    """The values of `--flag=value` and `--flag value` in `args`, in order, for any of `flags`."""
+    values = []
     for i, arg in enumerate(args):
-        if arg.startswith(flag + "="):
-            value = arg[len(flag) + 1 :]
-        elif arg == flag and i + 1 < len(args):
-            value = args[i + 1]
-    return value
+        for flag in flags:
+            if arg.startswith(flag + "="):
+                values.append(arg[len(flag) + 1 :])
+            elif arg == flag and i + 1 < len(args):
+                values.append(args[i + 1])
+    return values
 
 
-def experiment_mesh_rules(experiment: str) -> list[MeshRule]:
-    """The experiment config's `mesh_rules` when it has them, else the default rules."""
+def _flag_value(args: Sequence[str], *flags: str) -> str | None:
+    """The last value given to any of `flags` (as argparse keeps it), else None."""
+    values = _flag_values(args, *flags)
+    return values[-1] if values else None
+
+
+def experiment_mesh_rules(experiment: str, overrides: Sequence[str] = ()) -> list[MeshRule]:
+    """The mesh rules of the named experiment's config with `--set` overrides applied (default rules if none)."""
     import experiments  # Imported here: loading every experiment is only needed to check a named one.
 
-    rules = getattr(experiments.get(experiment), "mesh_rules", None)
+    rules = getattr(apply_overrides(experiments.get(experiment), list(overrides)), "mesh_rules", None)
     return list(rules) if rules else default_mesh_rules()
 
 
@@ -111,12 +119,13 @@ def _check_name(field: str, value: str, errors: list[str], *, max_len: int = 63)
 
 
 def _check_mesh(spec: LaunchSpec, instance: InstanceType, rules: Sequence[MeshRule] | None, errors: list[str]) -> None:
-    experiment = _flag_value(spec.command, EXPERIMENT_FLAG)
+    experiment = _flag_value(spec.command, *EXPERIMENT_FLAGS)
     if rules is None:
         try:
-            rules = experiment_mesh_rules(experiment) if experiment else default_mesh_rules()
-        except KeyError as e:  # UnknownExperimentError
-            errors.append(f"spec.command {EXPERIMENT_FLAG}={experiment!r}: {e}")
+            overrides = _flag_values(spec.command, SET_FLAG)
+            rules = experiment_mesh_rules(experiment, overrides) if experiment else default_mesh_rules()
+        except (KeyError, ValueError, ConfigError) as e:  # an unknown experiment or a bad --set: fail before submitting
+            errors.append(f"spec.command (experiment {experiment!r}): {' '.join(str(e).split())}")
             return
     devices = instance.chips_per_slice * spec.num_slices
     try:
@@ -133,7 +142,8 @@ def _check_mesh(spec: LaunchSpec, instance: InstanceType, rules: Sequence[MeshRu
 def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] | None = None) -> list[str]:
     """Every problem with launching `spec` through `renderer`, one line each (empty: ready to render).
 
-    `mesh_rules` defaults to those of the experiment named by `--experiment` in the command (or the default rules).
+    `mesh_rules` defaults to those of the experiment named by `--config` in the command, with its `--set` overrides
+    (or the default rules when the command names no experiment).
     """
     errors: list[str] = []
     missing = [name for name, value in spec.items() if value is REQUIRED]
