@@ -1,0 +1,335 @@
+"""Mixture of Experts: a filler of the transformer layer's `feed_forward` slot.
+
+`MoE` keeps the feed-forward call contract (`input_dim`, `hidden_dim`, `activation`, `x -> y`), so any
+experiment turns its FFNs into MoE with one `MoEModifier`. Three concerns are separate:
+
+- gating (a config slot): `TopKGating` (token choice: each token picks its top-k experts, with a
+  capacity per expert and token dropping, or dropless) or `ExpertChoiceGating` (each expert picks its
+  top-C tokens of a sequence). Either returns a `Routing`: dense [G, S, E] tensors saying which
+  (token, expert) pairs are kept, with which combine weight and at which slot of the expert's buffer.
+- dispatch (an enum): `EINSUM` builds one-hot dispatch/combine tensors (static shapes, partitions
+  cleanly under GSPMD: the expert axis becomes an all-to-all); `GROUPED` gathers the kept pairs sorted
+  by expert and runs grouped matmuls (`jax.lax.ragged_dot`), with no capacity padding.
+- experts: gated FFNs with stacked parameters, e.g. `wi_0` [E, D, F] with axes (expert, embed, mlp).
+
+Groups are sequences: G = batch, S = length. The layer sows the weighted load-balance loss and router
+z-loss (`AuxLoss`) and summaries of expert load, output norm, dropped tokens and router entropy.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+from axmini.config import (
+    REQUIRED,
+    FunctionConfigBase,
+    Required,
+    maybe_instantiate,
+)
+from axmini.layers.feed_forward import FeedForwardActivation
+from axmini.module import Layer, shard_activation
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gating.
+
+
+class Routing(NamedTuple):
+    """Routing of G groups of S tokens over E experts, as dense [G, S, E] tensors.
+
+    `kept[g, s, e]` says expert e processes token s of group g, in slot `slots[g, s, e]` of its buffer of
+    `capacity` slots; the expert's output is scaled by `weights[g, s, e]` (0 where not kept). `routed`
+    is what the gate chose before capacity dropping (for load statistics).
+    """
+
+    weights: Array
+    slots: Array
+    kept: Array
+    routed: Array
+    capacity: int  # Static buffer size per expert and group (einsum dispatch).
+    max_assignments: int  # Static bound on the kept pairs per group (grouped dispatch).
+    load_balance_loss: Array | None
+
+
+def _top_k(x: Array, k: int) -> tuple[Array, Array]:
+    """`jax.lax.top_k` over the last dim, via a stable sort: the top_k op's partitioner gathers its whole
+    operand onto every device, while a sort stays sharded along the other dims (batch, experts)."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    _, order = jax.lax.sort((-x, iota), dimension=x.ndim - 1, num_keys=1, is_stable=True)
+    indices = order[..., :k]
+    return jnp.take_along_axis(x, indices, axis=-1), indices
+
+
+class RouterScore(enum.Enum):
+    """How router logits become expert scores."""
+
+    SOFTMAX = "softmax"  # Over experts.
+    SIGMOID = "sigmoid"  # Per expert, independent of the others.
+
+
+class BaseGating(Layer):
+    """Maps router logits [G, S, E] (float32) to a `Routing`. No parameters: the router is the MoE's."""
+
+    class Config(Layer.Config):
+        num_experts: Required[int] = REQUIRED  # Filled by the MoE layer.
+
+    def __call__(self, logits: Array, *, deterministic: bool) -> Routing:
+        raise NotImplementedError(type(self))
+
+
+def _load_balance_loss(logits: Array, routed: Array) -> Array:
+    """Switch/GShard loss E * sum_e f_e * P_e: f_e is the fraction of routed pairs that go to expert e,
+    P_e the mean softmax probability of e; per group, averaged. It equals 1 when routing is uniform and
+    grows to E when every token goes to one expert."""
+    num_experts = logits.shape[-1]
+    probs = jax.nn.softmax(logits, axis=-1)
+    fraction = routed.astype(jnp.float32).sum(axis=1) / jnp.maximum(routed.sum(axis=(1, 2))[:, None], 1)
+    return num_experts * jnp.mean(jnp.sum(fraction * probs.mean(axis=1), axis=-1))
+
+
+class TopKGating(BaseGating):
+    """Token choice: each token picks its top-k experts; each expert takes at most `capacity` of them.
+
+    Capacity per group of S tokens is C = ceil(k * S * capacity_factor / E) (at most S); a capacity
+    factor of None is dropless. Pairs past capacity are dropped in priority order: all tokens' first
+    choices before any second choice, and within one rank, earlier tokens first.
+    """
+
+    class Config(BaseGating.Config):
+        top_k: int = 2
+        score: RouterScore = RouterScore.SOFTMAX
+        # Rescale the top-k scores of each token to sum to 1 (before dropping).
+        renormalize: bool = True
+        train_capacity_factor: float | None = 2.0
+        eval_capacity_factor: float | None = 2.0
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        if not 1 <= cfg.top_k <= cfg.num_experts:
+            raise ValueError(
+                f"{cfg._path or 'gating'}.top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]; "
+                "lower top_k or add experts"
+            )
+        for name in ("train_capacity_factor", "eval_capacity_factor"):
+            factor = getattr(cfg, name)
+            if factor is not None and factor <= 0:
+                raise ValueError(f"{cfg._path or 'gating'}.{name}={factor} must be > 0, or None for dropless")
+
+    def capacity(self, group_size: int, *, deterministic: bool) -> int:
+        cfg = self.config
+        factor = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
+        if factor is None:
+            return group_size
+        return max(1, min(group_size, math.ceil(cfg.top_k * group_size * factor / cfg.num_experts)))
+
+    def __call__(self, logits: Array, *, deterministic: bool) -> Routing:
+        cfg = self.config
+        _, group_size, num_experts = logits.shape
+        scores = jax.nn.softmax(logits, axis=-1) if cfg.score is RouterScore.SOFTMAX else jax.nn.sigmoid(logits)
+        top_scores, top_experts = _top_k(scores, cfg.top_k)  # [G, S, k]
+        if cfg.renormalize:
+            top_scores = top_scores / jnp.sum(top_scores, axis=-1, keepdims=True)
+        choice = jax.nn.one_hot(top_experts, num_experts, dtype=jnp.int32)  # [G, S, k, E]
+        # Slot of each pair in its expert's buffer, counting rank-major (all first choices first).
+        rank_major = jnp.swapaxes(choice, 1, 2).reshape(choice.shape[0], -1, num_experts)
+        position = (jnp.cumsum(rank_major, axis=1) - 1).reshape(choice.shape[0], cfg.top_k, group_size, num_experts)
+        position = jnp.swapaxes(position, 1, 2)  # [G, S, k, E]
+        capacity = self.capacity(group_size, deterministic=deterministic)
+        kept_k = (choice == 1) & (position < capacity)
+        kept = kept_k.any(axis=2)
+        slots = jnp.sum(jnp.where(kept_k, position, 0), axis=2)
+        weights = jnp.sum(jnp.where(kept_k, top_scores[..., None], 0.0), axis=2)
+        routed = choice.sum(axis=2) > 0
+        return Routing(
+            weights=weights,
+            slots=slots,
+            kept=kept,
+            routed=routed,
+            capacity=capacity,
+            max_assignments=min(group_size * cfg.top_k, num_experts * capacity),
+            load_balance_loss=_load_balance_loss(logits, routed),
+        )
+
+
+class ExpertChoiceGating(BaseGating):
+    """Expert choice (EC-DIT, arXiv 2410.02098): each expert takes its top-C tokens of a group by softmax
+    score, C = ceil(S * capacity_factor / E) (at most S). Every expert is full by construction, so no
+    load-balance loss is needed. A token's routing depends on the whole sequence, so it is not causal.
+    """
+
+    class Config(BaseGating.Config):
+        train_capacity_factor: float = 2.0
+        eval_capacity_factor: float = 2.0
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        for name in ("train_capacity_factor", "eval_capacity_factor"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"{cfg._path or 'gating'}.{name}={getattr(cfg, name)} must be > 0")
+
+    def capacity(self, group_size: int, *, deterministic: bool) -> int:
+        cfg = self.config
+        factor = cfg.eval_capacity_factor if deterministic else cfg.train_capacity_factor
+        return max(1, min(group_size, math.ceil(group_size * factor / cfg.num_experts)))
+
+    def __call__(self, logits: Array, *, deterministic: bool) -> Routing:
+        _, group_size, num_experts = logits.shape
+        capacity = self.capacity(group_size, deterministic=deterministic)
+        scores = jax.nn.softmax(logits, axis=-1)
+        top_scores, top_tokens = _top_k(jnp.swapaxes(scores, 1, 2), capacity)  # [G, E, C]
+        picked = jax.nn.one_hot(top_tokens, group_size, dtype=jnp.int32)  # [G, E, C, S]
+        kept = jnp.swapaxes(picked.sum(axis=2), 1, 2) > 0  # [G, S, E]
+        slots = jnp.einsum("gecs,c->gse", picked, jnp.arange(capacity, dtype=jnp.int32))
+        weights = jnp.einsum("gecs,gec->gse", picked.astype(top_scores.dtype), top_scores)
+        return Routing(
+            weights=weights,
+            slots=slots,
+            kept=kept,
+            routed=kept,
+            capacity=capacity,
+            max_assignments=num_experts * capacity,
+            load_balance_loss=None,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The MoE layer.
+
+
+class MoEDispatch(enum.Enum):
+    """How tokens reach their experts (both are exact; they differ in cost and in how they shard)."""
+
+    EINSUM = "einsum"  # One-hot dispatch/combine tensors [G, S, E, C]; capacity-padded; GSPMD-friendly.
+    GROUPED = "grouped"  # Gather pairs sorted by expert, grouped matmuls (ragged_dot); no padding.
+
+
+class MoE(Layer):
+    """A sparse feed-forward layer: a router, a gating rule, and `num_experts` gated FFNs.
+
+    Parameters, named as in FeedForward with a leading expert dim: `router` [D, E] (axes embed, None:
+    small, replicated), `wi_0`, `wi_1` (gated) or `wi` (plain) [E, D, F] (expert, embed, mlp), `wo`
+    [E, F, D] (expert, mlp, embed).
+    `deterministic` (set by `model.eval()` / `model.train()`) selects the eval or train capacity factor.
+
+    Sown per call: AuxLoss `load_balance_loss` (token choice only) and `router_z_loss` (mean squared
+    logsumexp of the router logits), each already multiplied by its weight; Summary `expert_load` [E]
+    (share of the kept pairs per expert), `expert_output_norm` [E] (mean L2 norm of an expert's output
+    over the tokens it processed), `dropped_token_fraction` (tokens that no expert processed) and
+    `router_entropy` (mean entropy of the router's softmax).
+    """
+
+    class Config(Layer.Config):
+        input_dim: Required[int] = REQUIRED
+        # An int, or a deferred value called with input_dim= (as in FeedForward).
+        hidden_dim: Required[int | FunctionConfigBase] = REQUIRED
+        activation: FeedForwardActivation = FeedForwardActivation.SWIGLU
+        num_experts: int = 8
+        gating: BaseGating.Config = TopKGating.default_config()
+        dispatch: MoEDispatch = MoEDispatch.EINSUM
+        load_balance_loss_weight: float = 0.01
+        router_z_loss_weight: float = 0.001
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        path = cfg._path or "moe"
+        if cfg.num_experts < 1:
+            raise ValueError(f"{path}.num_experts={cfg.num_experts} must be >= 1")
+        for name in ("load_balance_loss_weight", "router_z_loss_weight"):
+            if getattr(cfg, name) < 0:
+                raise ValueError(f"{path}.{name}={getattr(cfg, name)} must be >= 0")
+        hidden_dim = int(maybe_instantiate(cfg.hidden_dim, input_dim=cfg.input_dim))
+        if hidden_dim <= 0:
+            raise ValueError(f"{path}.hidden_dim resolved to {hidden_dim}; set a positive hidden_dim")
+        num_experts, dim = cfg.num_experts, cfg.input_dim
+        self.hidden_dim = hidden_dim
+        self.router = self.param((dim, num_experts), axes=("embed", None), rngs=rngs)
+        shape_in, axes_in = (num_experts, dim, self.hidden_dim), ("expert", "embed", "mlp")
+        if cfg.activation.gated:
+            self.wi_0 = self.param(shape_in, axes=axes_in, rngs=rngs, fan_in_axes=(1,))
+            self.wi_1 = self.param(shape_in, axes=axes_in, rngs=rngs, fan_in_axes=(1,))
+        else:
+            self.wi = self.param(shape_in, axes=axes_in, rngs=rngs, fan_in_axes=(1,))
+        self.wo = self.param((num_experts, self.hidden_dim, dim), axes=("expert", "mlp", "embed"), rngs=rngs)
+        self.gating = cfg.gating.clone(num_experts=num_experts).instantiate(rngs=rngs)
+        self.deterministic = False
+
+    def __call__(self, x: Array) -> Array:
+        cfg = self.config
+        x = shard_activation(x, ("batch", "length", "embed"))
+        logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), self.router[...].astype(jnp.float32))
+        routing = self.gating(logits, deterministic=self.deterministic)
+        if cfg.dispatch is MoEDispatch.EINSUM:
+            y, output_norm = self._einsum_dispatch(x, routing)
+        else:
+            y, output_norm = self._grouped_dispatch(x, routing)
+        self._sow_aux(logits, routing, output_norm)
+        return shard_activation(y, ("batch", "length", "embed"))
+
+    def _experts(self, x: Array, matmul: Callable[[Array, Array], Array], hint: Callable[[Array], Array]) -> Array:
+        """The expert FFNs, given the batched matmul of inputs with [E, in, out] weights."""
+        act = self.config.activation
+        project = lambda w: hint(matmul(x, w[...].astype(x.dtype)))
+        h = act(project(self.wi_0)) * project(self.wi_1) if act.gated else act(project(self.wi))
+        return matmul(h, self.wo[...].astype(x.dtype))
+
+    def _einsum_dispatch(self, x: Array, routing: Routing) -> tuple[Array, Array]:
+        capacity_range = jnp.arange(routing.capacity, dtype=routing.slots.dtype)
+        dispatch = (routing.slots[..., None] == capacity_range) & routing.kept[..., None]  # [G, S, E, C]
+        combine = dispatch * routing.weights[..., None].astype(x.dtype)
+        # Dispatch is local to each group; moving the expert dim onto the `expert` mesh axis (and the
+        # groups off it) is then one all-to-all each way.
+        expert_in = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
+        expert_in = shard_activation(expert_in, (None, "batch", None, "embed"))
+        expert_in = shard_activation(expert_in, ("expert", "batch", None, "embed"))
+        hint = lambda h: shard_activation(h, ("expert", "batch", None, "mlp"))
+        expert_out = self._experts(expert_in, lambda a, w: jnp.einsum("egci,eio->egco", a, w), hint)
+        expert_out = shard_activation(expert_out, ("expert", "batch", None, "embed"))
+        expert_out = shard_activation(expert_out, (None, "batch", None, "embed"))
+        occupied = dispatch.any(axis=1)  # [G, E, C]
+        norms = jnp.linalg.norm(expert_out.astype(jnp.float32), axis=-1)  # [E, G, C]
+        output_norm = jnp.einsum("egc,gec->e", norms, occupied.astype(jnp.float32))
+        return jnp.einsum("gsec,egcd->gsd", combine, expert_out), output_norm
+
+    def _grouped_dispatch(self, x: Array, routing: Routing) -> tuple[Array, Array]:
+        groups, group_size, num_experts = routing.kept.shape
+        tokens = groups * group_size
+        # Kept pairs in (expert, token) order: the pairs of expert e form the e-th contiguous group.
+        kept = jnp.transpose(routing.kept, (2, 0, 1)).reshape(-1)
+        (pair,) = jnp.nonzero(kept, size=groups * routing.max_assignments, fill_value=num_experts * tokens)
+        valid = pair < num_experts * tokens
+        pair = jnp.where(valid, pair, 0)
+        expert, token = pair // tokens, pair % tokens
+        group_sizes = routing.kept.sum(axis=(0, 1)).astype(jnp.int32)
+        matmul = lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+        expert_out = self._experts(x.reshape(tokens, -1)[token], matmul, lambda h: h)
+        expert_out = jnp.where(valid[:, None], expert_out, 0)  # Rows past the groups are unspecified.
+        weights = jnp.transpose(routing.weights, (2, 0, 1)).reshape(-1)[pair].astype(x.dtype)
+        y = jnp.zeros((tokens, x.shape[-1]), x.dtype).at[token].add(expert_out * weights[:, None])
+        norms = jnp.linalg.norm(expert_out.astype(jnp.float32), axis=-1)
+        output_norm = jax.ops.segment_sum(norms, expert, num_segments=num_experts)
+        return y.reshape(x.shape), output_norm
+
+    def _sow_aux(self, logits: Array, routing: Routing, output_norm_sum: Array) -> None:
+        cfg = self.config
+        if routing.load_balance_loss is not None:
+            self.add_aux_loss("load_balance_loss", cfg.load_balance_loss_weight * routing.load_balance_loss)
+        z = jax.nn.logsumexp(logits, axis=-1)
+        self.add_aux_loss("router_z_loss", cfg.router_z_loss_weight * jnp.mean(jnp.square(z)))
+        per_expert = routing.kept.sum(axis=(0, 1)).astype(jnp.float32)  # [E]
+        self.add_summary("expert_load", per_expert / jnp.maximum(per_expert.sum(), 1.0))
+        self.add_summary("expert_output_norm", output_norm_sum / jnp.maximum(per_expert, 1.0))
+        self.add_summary("dropped_token_fraction", jnp.mean(~routing.kept.any(axis=-1)))
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        self.add_summary("router_entropy", -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)))

@@ -1,0 +1,392 @@
+"""MoE layer: gating, capacity, both dispatch paths against a per-token loop, aux losses, sharding."""
+
+import math
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from axmini.layers.feed_forward import FeedForwardActivation
+from axmini.layers.moe import (
+    ExpertChoiceGating,
+    MoE,
+    MoEDispatch,
+    RouterScore,
+    TopKGating,
+)
+from axmini.mesh_rules import DEFAULT_LOGICAL_AXIS_RULES
+from axmini.module import build_sharded, capture_aux, sharding_context
+
+D, F, E = 8, 12, 4
+
+
+def moe_config(gating=None, *, num_experts=E, dispatch=MoEDispatch.EINSUM, activation=FeedForwardActivation.SWIGLU):
+    return MoE.default_config().set(
+        input_dim=D,
+        hidden_dim=F,
+        num_experts=num_experts,
+        activation=activation,
+        dispatch=dispatch,
+        gating=gating if gating is not None else TopKGating.default_config(),
+    )
+
+
+def params_of(model: MoE) -> dict[str, np.ndarray]:
+    return {
+        name: np.asarray(getattr(model, name)[...])
+        for name in ("router", "wi_0", "wi_1", "wi", "wo")
+        if hasattr(model, name)
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# An independent reference: routing decided in numpy by a per-token loop, outputs summed token by token.
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def reference_routing(logits: np.ndarray, gating, *, deterministic=False):
+    """Per group, a list of (token, expert, chosen experts of that token) for every processed pair."""
+    groups, size, experts = logits.shape
+    pairs = []
+    for g in range(groups):
+        kept = []
+        if isinstance(gating, ExpertChoiceGating.Config):
+            factor = gating.eval_capacity_factor if deterministic else gating.train_capacity_factor
+            capacity = min(size, math.ceil(size * factor / experts))
+            probs = softmax(logits[g])
+            for e in range(experts):
+                for s in np.argsort(-probs[:, e], kind="stable")[:capacity]:
+                    kept.append((int(s), e, None))
+        else:
+            factor = gating.eval_capacity_factor if deterministic else gating.train_capacity_factor
+            k = gating.top_k
+            capacity = size if factor is None else min(size, math.ceil(k * size * factor / experts))
+            scores = softmax(logits[g]) if gating.score is RouterScore.SOFTMAX else 1 / (1 + np.exp(-logits[g]))
+            choices = [list(np.argsort(-scores[s], kind="stable")[:k]) for s in range(size)]
+            count = [0] * experts
+            for rank in range(k):  # First choices of all tokens before any second choice.
+                for s in range(size):
+                    e = int(choices[s][rank])
+                    if count[e] < capacity:
+                        count[e] += 1
+                        kept.append((s, e, tuple(int(c) for c in choices[s])))
+        pairs.append(kept)
+    return pairs
+
+
+def reference_forward(params, x, pairs, gating, activation=FeedForwardActivation.SWIGLU):
+    """y[g, s] = sum over the processed pairs (s, e) of weight * expert_e(x[g, s]); differentiable in params
+    and x, with the discrete routing decisions `pairs` given."""
+    flat = [(g, s, e, chosen) for g, kept in enumerate(pairs) for s, e, chosen in kept]
+    g, s, e = (np.array([p[i] for p in flat]) for i in range(3))
+    logits = jnp.einsum("gsd,de->gse", x, params["router"])
+    if isinstance(gating, ExpertChoiceGating.Config):
+        weight = jax.nn.softmax(logits, axis=-1)[g, s, e]
+    else:
+        scores = jax.nn.softmax(logits, axis=-1) if gating.score is RouterScore.SOFTMAX else jax.nn.sigmoid(logits)
+        weight = scores[g, s, e]
+        if gating.renormalize:
+            chosen = np.array([p[3] for p in flat])
+            weight = weight / scores[g[:, None], s[:, None], chosen].sum(-1)
+    xs = x[g, s]
+    if activation.gated:
+        h = activation(jnp.einsum("pd,pdf->pf", xs, params["wi_0"][e])) * jnp.einsum(
+            "pd,pdf->pf", xs, params["wi_1"][e]
+        )
+    else:
+        h = activation(jnp.einsum("pd,pdf->pf", xs, params["wi"][e]))
+    out = jnp.einsum("pf,pfd->pd", h, params["wo"][e])
+    return jnp.zeros_like(x).at[g, s].add(weight[:, None] * out)
+
+
+def call(model, x):
+    return model(x)
+
+
+def model_forward_and_grads(model: MoE, x: jax.Array, cotangent: jax.Array):
+    graphdef, state = nnx.split(model)
+
+    def loss(state, x):
+        y = nnx.merge(graphdef, state)(x)
+        return jnp.sum(y * cotangent), y
+
+    (_, y), (grad_state, grad_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(state, x)
+    grads = {str(path[0]): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(grad_state)}
+    return np.asarray(y), grads, np.asarray(grad_x)
+
+
+GATINGS = {
+    "top2_softmax_capacity1": TopKGating.default_config().set(top_k=2, train_capacity_factor=1.0),
+    "top2_sigmoid_dropless": TopKGating.default_config().set(
+        top_k=2, score=RouterScore.SIGMOID, renormalize=False, train_capacity_factor=None
+    ),
+    "top1_softmax_tight_capacity": TopKGating.default_config().set(top_k=1, train_capacity_factor=0.5),
+    "expert_choice": ExpertChoiceGating.default_config().set(train_capacity_factor=1.5),
+}
+
+
+@pytest.mark.parametrize("name", list(GATINGS))
+def test_dispatch_paths_match_per_token_reference_outputs_and_gradients(name):
+    gating = GATINGS[name]
+    x = jax.random.normal(jax.random.key(1), (2, 8, D))
+    cotangent = jax.random.normal(jax.random.key(2), (2, 8, D))
+    results = {}
+    for dispatch in MoEDispatch:
+        model = moe_config(gating, dispatch=dispatch).instantiate(rngs=nnx.Rngs(0))
+        results[dispatch] = model_forward_and_grads(model, x, cotangent)
+    params = {k: jnp.asarray(v) for k, v in params_of(model).items()}
+    logits = np.einsum("gsd,de->gse", np.asarray(x), np.asarray(params["router"]))
+    pairs = reference_routing(logits, gating)
+
+    def ref_loss(params, x):
+        y = reference_forward(params, x, pairs, gating)
+        return jnp.sum(y * cotangent), y
+
+    (_, y_ref), (g_params, g_x) = jax.jit(jax.value_and_grad(ref_loss, argnums=(0, 1), has_aux=True))(params, x)
+    for dispatch, (y, grads, grad_x) in results.items():
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5, err_msg=str(dispatch))
+        np.testing.assert_allclose(grad_x, g_x, rtol=1e-4, atol=1e-5, err_msg=str(dispatch))
+        assert set(grads) == set(g_params)
+        for key in grads:
+            np.testing.assert_allclose(grads[key], g_params[key], rtol=1e-4, atol=1e-5, err_msg=f"{dispatch} {key}")
+
+
+@pytest.mark.parametrize("dispatch", list(MoEDispatch))
+@pytest.mark.parametrize("activation", [FeedForwardActivation.SWIGLU, FeedForwardActivation.GELU])
+def test_one_expert_top1_dropless_equals_dense_ffn(dispatch, activation):
+    gating = TopKGating.default_config().set(top_k=1, train_capacity_factor=None)
+    model = moe_config(gating, num_experts=1, dispatch=dispatch, activation=activation).instantiate(rngs=nnx.Rngs(3))
+    x = np.asarray(jax.random.normal(jax.random.key(4), (2, 5, D)))
+    p = params_of(model)
+
+    def gelu(z):  # tanh approximation, as the dense FeedForward uses
+        return 0.5 * z * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
+
+    if activation.gated:
+        a = x @ p["wi_0"][0]
+        dense = ((a / (1 + np.exp(-a))) * (x @ p["wi_1"][0])) @ p["wo"][0]
+    else:
+        dense = gelu(x @ p["wi"][0]) @ p["wo"][0]
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), dense, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Capacity and expert choice, on the gating alone.
+
+
+def gate(cfg, logits, *, deterministic=False):
+    return cfg.clone(num_experts=logits.shape[-1]).instantiate(rngs=nnx.Rngs(0))(
+        jnp.asarray(logits, jnp.float32), deterministic=deterministic
+    )
+
+
+def test_tokens_past_capacity_are_dropped_in_priority_order():
+    # 6 tokens all prefer expert 0 first and expert 1 second; C = ceil(2 * 6 * 0.5 / 3) = 2.
+    logits = np.tile(np.array([3.0, 2.0, 0.0]), (1, 6, 1))
+    routing = gate(TopKGating.default_config().set(top_k=2, train_capacity_factor=0.5), logits)
+    assert routing.capacity == 2
+    kept = np.asarray(routing.kept[0])
+    # First choices (expert 0) of tokens 0, 1 fill expert 0; second choices (expert 1) of tokens 0, 1 fill expert 1.
+    expected = np.zeros((6, 3), bool)
+    expected[[0, 1], 0] = True
+    expected[[0, 1], 1] = True
+    np.testing.assert_array_equal(kept, expected)
+    np.testing.assert_array_equal(np.asarray(routing.slots[0])[kept], [0, 0, 1, 1])
+    assert np.asarray(routing.routed[0])[:, :2].all()
+
+
+def test_first_choices_take_priority_over_earlier_tokens_second_choices():
+    # Token 0 wants experts (1, 0); tokens 1, 2 want expert 0 first. C = 2 (top-2, S=3, E=2, factor 2/3).
+    logits = np.array([[[1.0, 2.0], [2.0, 1.0], [2.0, 1.0]]])
+    routing = gate(TopKGating.default_config().set(top_k=2, train_capacity_factor=2 / 3), logits)
+    assert routing.capacity == 2
+    # Expert 0 takes the first choices of tokens 1, 2; token 0's second choice (expert 0) is dropped.
+    np.testing.assert_array_equal(np.asarray(routing.kept[0]), [[False, True], [True, True], [True, False]])
+
+
+@pytest.mark.parametrize("top_k,factor", [(1, 0.75), (2, 0.5), (3, 1.0), (2, None)])
+def test_kept_pairs_match_per_token_loop(top_k, factor):
+    cfg = TopKGating.default_config().set(top_k=top_k, train_capacity_factor=factor)
+    for seed in range(3):
+        logits = np.random.default_rng(seed).normal(size=(3, 10, E))
+        routing = gate(cfg, logits)
+        expected = np.zeros(logits.shape, bool)
+        for g, kept in enumerate(reference_routing(logits, cfg)):
+            for s, e, _ in kept:
+                expected[g, s, e] = True
+        np.testing.assert_array_equal(np.asarray(routing.kept), expected)
+        if factor is None:
+            assert np.array_equal(np.asarray(routing.kept), np.asarray(routing.routed))
+
+
+def test_dropless_drops_nothing_even_when_all_tokens_pick_one_expert():
+    logits = np.tile(np.array([5.0, 0.0, 0.0, 0.0]), (2, 16, 1))
+    model = moe_config(TopKGating.default_config().set(top_k=1, train_capacity_factor=None)).instantiate(
+        rngs=nnx.Rngs(0)
+    )
+    routing = gate(model.config.gating, logits)
+    assert np.asarray(routing.kept[..., 0]).all()
+    summaries = capture_aux(call, model, jnp.ones((2, 16, D))).summaries
+    assert float(summaries["dropped_token_fraction"]) == 0.0
+
+
+def test_dropped_token_fraction_summary_counts_tokens_no_expert_processed():
+    model = moe_config(TopKGating.default_config().set(top_k=1, train_capacity_factor=0.5)).instantiate(
+        rngs=nnx.Rngs(0)
+    )
+    x = jax.random.normal(jax.random.key(0), (2, 8, D))
+    summaries = capture_aux(call, model, x).summaries
+    logits = np.einsum("gsd,de->gse", np.asarray(x), params_of(model)["router"])
+    processed = {(g, s) for g, kept in enumerate(reference_routing(logits, model.config.gating)) for s, _, _ in kept}
+    np.testing.assert_allclose(float(summaries["dropped_token_fraction"]), 1 - len(processed) / 16, rtol=1e-6)
+    np.testing.assert_allclose(float(np.sum(summaries["expert_load"])), 1.0, rtol=1e-6)
+
+
+def test_eval_mode_uses_eval_capacity_factor():
+    gating = TopKGating.default_config().set(top_k=1, train_capacity_factor=0.5, eval_capacity_factor=None)
+    model = moe_config(gating).instantiate(rngs=nnx.Rngs(0))
+    x = jnp.ones((1, 8, D))  # Identical tokens: all pick one expert, so only capacity decides the drops.
+    assert float(capture_aux(call, model, x).summaries["dropped_token_fraction"]) == pytest.approx(1 - 1 / 8)
+    model.eval()
+    assert float(capture_aux(call, model, x).summaries["dropped_token_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 0.3])
+def test_expert_choice_each_expert_processes_exactly_capacity_tokens(factor):
+    logits = np.asarray(jax.random.normal(jax.random.key(5), (2, 12, 4)))
+    routing = gate(ExpertChoiceGating.default_config().set(train_capacity_factor=factor), logits)
+    capacity = math.ceil(12 * factor / 4)
+    assert routing.capacity == capacity
+    np.testing.assert_array_equal(np.asarray(routing.kept).sum(axis=1), np.full((2, 4), capacity))
+    probs = softmax(logits)
+    for g in range(2):
+        for e in range(4):
+            expected = set(np.argsort(-probs[g, :, e])[:capacity].tolist())
+            assert set(np.flatnonzero(np.asarray(routing.kept[g, :, e])).tolist()) == expected
+    assert routing.load_balance_loss is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Aux losses.
+
+
+def test_load_balance_loss_is_one_when_uniform_and_near_num_experts_when_collapsed():
+    cfg = TopKGating.default_config().set(top_k=1, train_capacity_factor=None)
+    balanced = np.eye(E)[np.arange(16) % E][None] * 0.5  # Token s prefers expert s % E, mildly.
+    collapsed = np.tile(np.eye(E)[0] * 20.0, (1, 16, 1))
+    loss_balanced = float(gate(cfg, balanced).load_balance_loss)
+    loss_collapsed = float(gate(cfg, collapsed).load_balance_loss)
+    assert loss_balanced == pytest.approx(1.0, rel=1e-6)
+    assert loss_collapsed == pytest.approx(E, rel=1e-3)
+    random_logits = np.asarray(jax.random.normal(jax.random.key(0), (2, 16, E)))
+    assert loss_balanced < float(gate(cfg, random_logits).load_balance_loss) < loss_collapsed
+
+
+class Parent(nnx.Module):
+    """A container, so the sown values carry a module path."""
+
+    def __init__(self, cfg, rngs):
+        self.feed_forward = cfg.instantiate(rngs=rngs)
+
+    def __call__(self, x):
+        return self.feed_forward(x)
+
+
+def test_aux_losses_match_formulas_at_their_exact_paths():
+    cfg = moe_config().set(load_balance_loss_weight=0.3, router_z_loss_weight=0.7)
+    parent = Parent(cfg, nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 8, D))
+    _, losses, summaries = capture_aux(call, parent, x)
+    assert set(losses) == {"feed_forward/load_balance_loss", "feed_forward/router_z_loss"}
+    logits = np.einsum("gsd,de->gse", np.asarray(x), np.asarray(parent.feed_forward.router[...]))
+    z = np.log(np.exp(logits).sum(-1))
+    np.testing.assert_allclose(float(losses["feed_forward/router_z_loss"]), 0.7 * np.mean(z**2), rtol=1e-5)
+    # Load balance: E * sum_e (share of routed pairs to e) * (mean prob of e), averaged over groups.
+    probs = softmax(logits)
+    top2 = np.argsort(-probs, axis=-1)[..., :2]
+    share = np.stack([np.bincount(top2[g].ravel(), minlength=E) / top2[g].size for g in range(2)])
+    expected = E * np.mean(np.sum(share * probs.mean(axis=1), axis=-1))
+    np.testing.assert_allclose(float(losses["feed_forward/load_balance_loss"]), 0.3 * expected, rtol=1e-5)
+    assert set(summaries) == {
+        f"feed_forward/{n}" for n in ("expert_load", "expert_output_norm", "dropped_token_fraction", "router_entropy")
+    }
+
+
+def test_aux_losses_reach_the_gradient_of_the_router():
+    model = moe_config().instantiate(rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    x = jax.random.normal(jax.random.key(1), (2, 8, D))
+
+    def aux_total(state):
+        return sum(capture_aux(call, nnx.merge(graphdef, state), x).losses.values())
+
+    grads = jax.grad(aux_total)(state)
+    assert float(jnp.abs(grads["router"].get_value()).sum()) > 0
+    assert float(jnp.abs(grads["wo"].get_value()).sum()) == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Expert parallelism.
+
+
+@pytest.mark.parametrize("dispatch", list(MoEDispatch))
+def test_sharded_over_expert_and_fsdp_matches_single_device(dispatch):
+    mesh = jax.make_mesh((2, 4), ("expert", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = DEFAULT_LOGICAL_AXIS_RULES
+    cfg = moe_config(TopKGating.default_config().set(train_capacity_factor=1.0), dispatch=dispatch).set(num_experts=4)
+    x = jax.random.normal(jax.random.key(1), (8, 8, D))
+    cotangent = jax.random.normal(jax.random.key(2), (8, 8, D))
+    y_ref, grads_ref, gx_ref = model_forward_and_grads(cfg.instantiate(rngs=nnx.Rngs(0)), x, cotangent)
+
+    model = build_sharded(cfg, mesh, rules)
+    assert model.wi_0[...].sharding.spec[0] == "expert"
+    graphdef, state = nnx.split(model)
+
+    def loss(state, x):
+        y = nnx.merge(graphdef, state)(x)
+        return jnp.sum(y * cotangent), y
+
+    with sharding_context(mesh, rules):
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+        (_, y), (grad_state, gx) = step(state, x)
+        y.block_until_ready()
+        hlo = step.lower(state, x).compile().as_text()
+    np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(gx), gx_ref, rtol=1e-4, atol=1e-5)
+    for path, v in nnx.to_flat_state(grad_state):
+        np.testing.assert_allclose(np.asarray(v.get_value()), grads_ref[str(path[0])], rtol=1e-4, atol=1e-5)
+    if dispatch is MoEDispatch.EINSUM:
+        assert "all-to-all" in hlo
+
+
+# ----------------------------------------------------------------------------------------------------
+# Error paths: refused at build time, naming the field.
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda c: c.gating.set(top_k=5), "gating.top_k=5"),
+        (lambda c: c.gating.set(train_capacity_factor=0.0), "train_capacity_factor=0.0"),
+        (lambda c: c.set(num_experts=0), "num_experts=0"),
+        (lambda c: c.set(hidden_dim=0), "hidden_dim resolved to 0"),
+        (lambda c: c.set(router_z_loss_weight=-1.0), "router_z_loss_weight=-1.0"),
+    ],
+)
+def test_bad_config_is_refused_at_build_time(change, message):
+    cfg = moe_config()
+    change(cfg)
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        cfg.instantiate(rngs=nnx.Rngs(0))
+
+
+def test_expert_choice_bad_capacity_is_refused():
+    cfg = moe_config(ExpertChoiceGating.default_config().set(eval_capacity_factor=-1.0))
+    with pytest.raises(ValueError, match="eval_capacity_factor"):
+        cfg.instantiate(rngs=nnx.Rngs(0))
