@@ -1,0 +1,250 @@
+"""Training and evaluation input: seqio tasks packed into LM batches, and synthetic tokens for benchmarks.
+
+An input yields *process-local* numpy batches with the decoder's keys: `input_ids`, `target_ids`,
+`target_weights`, `segment_ids` (0 = padding) and `positions`, each [global_batch_size / process_count,
+sequence_length]. Batches are indexed by step: `batches(start_step=k)` yields the batches of steps
+k, k+1, ... exactly as an uninterrupted run would, so the data position of a checkpoint is its step.
+
+`SeqioInput` reads any registered seqio task or mixture (the default is `axmini_corpus`, built from the
+embedded corpus on first use). `import seqio` loads TensorFlow (about 5 s), so it is imported lazily.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from axmini.config import REQUIRED, Configurable, Required
+from axmini.trainer import corpus
+
+DEFAULT_TASK = "axmini_corpus"
+DEFAULT_VOCAB_SIZE = 2048
+BATCH_KEYS = ("input_ids", "target_ids", "target_weights", "segment_ids", "positions")
+Batch = dict[str, np.ndarray]
+
+
+def _seqio() -> Any:
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # The input pipeline must not take accelerator memory.
+    import seqio
+
+    return seqio
+
+
+class Input(Configurable):
+    """Base of inputs: step-indexed, process-local batches of `global_batch_size` x `sequence_length`."""
+
+    class Config(Configurable.Config):
+        global_batch_size: Required[int] = REQUIRED
+        sequence_length: Required[int] = REQUIRED
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        cfg = self.config
+        path = getattr(cfg, "_path", "") or "input"
+        if cfg.global_batch_size <= 0 or cfg.sequence_length <= 0:
+            raise ValueError(
+                f"{path}: global_batch_size={cfg.global_batch_size} and sequence_length={cfg.sequence_length} "
+                "must be positive"
+            )
+        if cfg.global_batch_size % jax.process_count():
+            raise ValueError(
+                f"{path}.global_batch_size={cfg.global_batch_size} does not split over {jax.process_count()} "
+                "processes; make it a multiple of the process count"
+            )
+
+    @property
+    def local_batch_size(self) -> int:
+        return self.config.global_batch_size // jax.process_count()
+
+    def batches(self, start_step: int = 0) -> Iterator[Batch]:
+        """The batches of steps start_step, start_step + 1, ... (finite for a finite number of epochs)."""
+        raise NotImplementedError(type(self))
+
+    def vocab_size(self) -> int | None:
+        """The number of token ids the input can produce (None when unknown)."""
+        return None
+
+    def vocabulary(self) -> Any:
+        """The seqio vocabulary to encode prompts and decode samples (None for synthetic data)."""
+        return None
+
+
+class SyntheticInput(Input):
+    """Uniformly random tokens, one fresh batch per step (derived from seed, step and process): benchmarks."""
+
+    class Config(Input.Config):
+        vocab_size: Required[int] = REQUIRED
+        seed: int = 0
+
+    def batches(self, start_step: int = 0) -> Iterator[Batch]:
+        cfg = self.config
+        shape = (self.local_batch_size, cfg.sequence_length)
+        step = start_step
+        while True:
+            rng = np.random.default_rng([cfg.seed, step, jax.process_index()])
+            tokens = rng.integers(1, cfg.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
+            yield {
+                "input_ids": tokens[:, :-1],
+                "target_ids": tokens[:, 1:],
+                "target_weights": np.ones(shape, np.float32),
+                "segment_ids": np.ones(shape, np.int32),
+                "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+            }
+            step += 1
+
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# seqio tasks.
+
+
+def split_to_length(dataset: Any, sequence_length: Mapping[str, int] | None = None) -> Any:
+    """A seqio preprocessor: splits each example's `targets` into pieces of at most the sequence length,
+    so packing never truncates a document (no token is lost)."""
+    import tensorflow as tf
+
+    if not sequence_length:
+        return dataset
+    max_len = sequence_length["targets"]
+
+    def split(example: Mapping[str, tf.Tensor]) -> tf.data.Dataset:
+        tokens = example["targets"]
+        n = tf.size(tokens)
+        starts = tf.range(0, n, max_len)
+        lengths = tf.minimum(max_len, n - starts)
+        return tf.data.Dataset.from_tensor_slices({"targets": tf.RaggedTensor.from_row_lengths(tokens, lengths)})
+
+    return dataset.flat_map(split)
+
+
+def _line_to_targets(dataset: Any) -> Any:
+    return dataset.map(lambda line: {"targets": line})
+
+
+def register_text_task(name: str, split_files: Mapping[str, str], vocabulary: Any, shuffle_buffer_size: int = 10_000):
+    """Registers a seqio Task over text files (one document per line): tokenize, EOS, split to length."""
+    seqio = _seqio()
+    if name in seqio.TaskRegistry.names():
+        return seqio.TaskRegistry.get(name)
+    return seqio.TaskRegistry.add(
+        name,
+        source=seqio.TextLineDataSource(dict(split_files)),
+        preprocessors=[
+            _line_to_targets,
+            seqio.preprocessors.tokenize,
+            seqio.preprocessors.append_eos,
+            split_to_length,
+        ],
+        output_features={"targets": seqio.Feature(vocabulary, add_eos=True)},
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
+
+
+def register_default_task() -> Any:
+    """The `axmini_corpus` task: the embedded corpus with its own 2048-piece SentencePiece vocabulary."""
+    seqio = _seqio()
+    files = corpus.prepare_corpus()
+    vocabulary = seqio.SentencePieceVocabulary(str(corpus.prepare_vocab(DEFAULT_VOCAB_SIZE)))
+    split_files = {"train": str(files.train), "validation": str(files.validation)}
+    return register_text_task(DEFAULT_TASK, split_files, vocabulary)
+
+
+def get_task_or_mixture(name: str, modules: tuple[str, ...] | list[str] = (), path: str = "input.task") -> Any:
+    """The registered seqio task or mixture `name` (importing `modules` first, which register tasks)."""
+    seqio = _seqio()
+    for module in modules:
+        importlib.import_module(module)
+    if name == DEFAULT_TASK:
+        register_default_task()
+    known = [*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()]
+    if name not in known:
+        close = difflib.get_close_matches(name, [*known, DEFAULT_TASK], n=2, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"{path}={name!r} is not a registered seqio task or mixture{hint} "
+            "(register it in a module listed in task_modules)"
+        )
+    return seqio.get_mixture_or_task(name)
+
+
+def _lm_batch(features: Mapping[str, np.ndarray]) -> Batch:
+    """seqio LMFeatureConverter features -> decoder batch keys."""
+    targets = features["decoder_target_tokens"].astype(np.int32)
+    if "decoder_segment_ids" in features:
+        segment_ids = features["decoder_segment_ids"].astype(np.int32)
+        positions = features["decoder_positions"].astype(np.int32)
+    else:
+        segment_ids = (targets != 0).astype(np.int32)
+        positions = np.broadcast_to(np.arange(targets.shape[1], dtype=np.int32), targets.shape).copy()
+    return {
+        "input_ids": features["decoder_input_tokens"].astype(np.int32),
+        "target_ids": targets,
+        "target_weights": features["decoder_loss_weights"].astype(np.float32),
+        "segment_ids": segment_ids,
+        "positions": positions,
+    }
+
+
+def _pad_rows(batch: Batch, rows: int) -> Batch:
+    """Pads a short final batch with all-zero rows (segment 0, weight 0)."""
+    missing = rows - next(iter(batch.values())).shape[0]
+    return {k: np.pad(v, [(0, missing), (0, 0)]) for k, v in batch.items()} if missing else batch
+
+
+class SeqioInput(Input):
+    """A seqio task or mixture, tokenized, packed to `sequence_length` with segment ids, and batched.
+
+    Shuffling is deterministic (by `seed`); each process reads its own shard of the examples. With
+    `num_epochs=None` the data repeats forever (training); with a number, the last batch is padded.
+    """
+
+    class Config(Input.Config):
+        task: str = DEFAULT_TASK  # Any registered seqio task or mixture name.
+        task_modules: list[str] = []  # Modules to import first: they register user tasks.
+        split: str = "train"
+        shuffle: bool = True
+        seed: int = 0
+        num_epochs: int | None = None
+        pack: bool = True
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        path = getattr(self.config, "_path", "") or "input"
+        self._task = get_task_or_mixture(self.config.task, self.config.task_modules, f"{path}.task")
+
+    def vocabulary(self) -> Any:
+        return self._task.output_features["targets"].vocabulary
+
+    def vocab_size(self) -> int:
+        return self.vocabulary().vocab_size
+
+    def dataset(self) -> Any:
+        """The unbatched tf.data pipeline of packed examples of this process."""
+        seqio = _seqio()
+        cfg = self.config
+        return seqio.get_dataset(
+            cfg.task,
+            {"targets": cfg.sequence_length},
+            feature_converter=seqio.LMFeatureConverter(pack=cfg.pack),
+            dataset_split=cfg.split,
+            shuffle=cfg.shuffle,
+            num_epochs=cfg.num_epochs,
+            shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
+            seed=cfg.seed,
+            verbose=False,
+        )
+
+    def batches(self, start_step: int = 0) -> Iterator[Batch]:
+        rows = self.local_batch_size
+        dataset = self.dataset().batch(rows).skip(start_step)
+        for features in dataset.as_numpy_iterator():
+            yield _pad_rows(_lm_batch(features), rows)
