@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -109,6 +111,33 @@ def test_failing_process_stops_the_others_without_orphans(tmp_path: Path) -> Non
     while (_alive(worker) or _alive(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(worker) and not _alive(grandchild)
+
+
+# A launcher (this test's child) whose two processes each start a child and sleep; SIGTERM goes to the launcher.
+LAUNCHER_PROGRAM = """
+import sys
+from axmini.launch.local import run_local
+worker = "import os, subprocess, sys, time; c = subprocess.Popen(['sleep', '300']); "
+worker += "open(sys.argv[1] + '/pids' + os.environ['AXMINI_PROCESS_ID'], 'w').write(f'{os.getpid()} {c.pid}'); "
+worker += "time.sleep(300)"
+sys.exit(run_local([sys.executable, "-c", worker, sys.argv[1]], num_processes=2, grace_s=1.0))
+"""
+
+
+def test_terminated_launcher_stops_its_processes(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    launcher_proc = subprocess.Popen([sys.executable, "-c", LAUNCHER_PROGRAM, str(tmp_path)], env=env)
+    pid_files = [tmp_path / "pids0", tmp_path / "pids1"]
+    deadline = time.monotonic() + 60
+    while not all(f.exists() and f.read_text() for f in pid_files) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    launcher_proc.send_signal(signal.SIGTERM)
+    assert launcher_proc.wait(timeout=30) == 128 + signal.SIGTERM
+    pids = [int(pid) for f in pid_files for pid in f.read_text().split()]
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in pids)
 
 
 def test_timeout_stops_every_process(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -81,6 +81,41 @@ def _signal_group(proc: subprocess.Popen, sig: signal.Signals) -> None:
         pass
 
 
+class _Terminated(Exception):
+    """The launcher itself received SIGTERM or SIGHUP."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise _Terminated(signum)
+
+
+def _say(output: IO[str], lock: threading.Lock, message: str) -> None:
+    with lock:
+        output.write(f"[launch] {message}\n")
+        output.flush()
+
+
+def _wait(procs: Sequence[subprocess.Popen], deadline: float | None, say: Callable[[str], None]) -> int:
+    """Waits until all processes succeed (0), one fails (its code; 128+N if killed by signal N) or time is up (124)."""
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            i, code = failed[0]
+            say(f"process {i} exited with code {code}; stopping the others")
+            return 128 - code if code < 0 else code
+        if all(code == 0 for code in codes):
+            return 0
+        if deadline is not None and time.monotonic() > deadline:
+            say("timed out; stopping all processes")
+            return 124
+        time.sleep(_POLL_S)
+
+
 def run_local(
     command: Sequence[str],
     *,
@@ -93,8 +128,8 @@ def run_local(
 ) -> int:
     """Runs `command` as `num_processes` jax.distributed processes; returns 0 iff every one succeeded.
 
-    On the first failure (or after `timeout_s`), the others are stopped and the failing exit code is returned
-    (124 on timeout, 128+N for a process killed by signal N).
+    On the first failure (or after `timeout_s`, or when the launcher gets SIGTERM/SIGHUP), the others are stopped
+    and the failing exit code is returned (124 on timeout, 128+N for a process or launcher killed by signal N).
     """
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError(f"num_processes={num_processes}, devices_per_process={devices_per_process}: both must be >= 1")
@@ -104,7 +139,9 @@ def run_local(
     lock = threading.Lock()
     procs: list[subprocess.Popen] = []
     threads: list[threading.Thread] = []
-    result = 0
+    previous_handlers = {}
+    if threading.current_thread() is threading.main_thread():  # a killed launcher must not orphan its processes
+        previous_handlers = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for i in range(num_processes):
             proc = subprocess.Popen(
@@ -119,25 +156,16 @@ def run_local(
             thread.start()
             threads.append(thread)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
-            if failed:
-                i, code = failed[0]
-                result = 128 - code if code < 0 else code
-                with lock:
-                    output.write(f"[launch] process {i} exited with code {code}; stopping the others\n")
-                break
-            if all(code == 0 for code in codes):
-                break
-            if deadline is not None and time.monotonic() > deadline:
-                result = 124
-                with lock:
-                    output.write(f"[launch] timed out after {timeout_s} s; stopping all processes\n")
-                break
-            time.sleep(_POLL_S)
+        result = _wait(procs, deadline, lambda message: _say(output, lock, message))
+    except _Terminated as e:
+        result = 128 + e.signum
+        _say(output, lock, f"received signal {e.signum}; stopping all processes")
     finally:
+        for sig in previous_handlers:  # a second signal must not interrupt the cleanup
+            signal.signal(sig, signal.SIG_IGN)
         _stop(procs, grace_s)
         for thread in threads:
             thread.join(timeout=grace_s)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     return result
