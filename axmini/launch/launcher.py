@@ -1,8 +1,8 @@
 """`axmini launch local|tpu|gpu`: run training on N local processes, or render and submit a TPU/GPU cluster job.
 
-    axmini launch local --num_processes=2 --devices_per_process=4 -- --experiment=NAME ...
+    axmini launch local --num_processes=2 --devices_per_process=4 -- --config=NAME ...
     axmini launch tpu --name=run1 --instance_type=tpu-v5p-256 --num_slices=2 --image=IMG \\
-        --renderer=jobset --dry_run -- --experiment=NAME ...
+        --renderer=jobset --dry_run -- --config=NAME ...
 
 Arguments after `--` go to `axmini train`; `--mesh_selector=<instance type>` is added for cluster runs. `--dry_run`
 prints exactly what would be submitted and needs neither credentials nor cloud tools. Without it the rendering is
@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from axmini.config import ConfigError
 from axmini.launch.local import run_local
 from axmini.launch.render import jobset_yaml, render, xpk_argv
-from axmini.launch.spec import PRIORITIES, RENDERERS, TRAIN_PREFIX, LaunchSpec, validate
+from axmini.launch.spec import PRIORITIES, PROVISIONINGS, RENDERERS, TRAIN_PREFIX, LaunchSpec, validate
 
 USAGE_ERROR = 2
 _TOOLS = {"jobset": "kubectl", "xpk": "xpk", "gcloud": "gcloud"}
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         cluster.add_argument("--priority", choices=PRIORITIES, default="medium")
         cluster.add_argument("--queue", default="")
         cluster.add_argument("--max_restarts", type=int, default=0)
-        cluster.add_argument("--provisioning", choices=("on-demand", "spot", "reserved"), default="on-demand")
+        cluster.add_argument("--provisioning", choices=PROVISIONINGS, default="on-demand")
         for flag in ("reservation", "project", "zone", "cluster", "runtime_version"):
             cluster.add_argument(f"--{flag}", default="")
         cluster.add_argument("--namespace", default="default")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 from axmini.config import REQUIRED, ConfigBase, ConfigError, Required, apply_overrides
 from axmini.mesh_rules import (
@@ -23,9 +23,11 @@ from axmini.mesh_rules import (
     select_mesh_rule,
 )
 
-Renderer = Literal["jobset", "xpk", "gcloud"]
 RENDERERS: tuple[str, ...] = ("jobset", "xpk", "gcloud")
-PRIORITIES: tuple[str, ...] = ("very-low", "low", "medium", "high", "very-high")  # xpk's priority classes
+Priority = Literal["very-low", "low", "medium", "high", "very-high"]  # the priority classes xpk creates
+Provisioning = Literal["on-demand", "spot", "reserved"]
+PRIORITIES: tuple[str, ...] = get_args(Priority)
+PROVISIONINGS: tuple[str, ...] = get_args(Provisioning)
 TRAIN_PREFIX: tuple[str, ...] = ("axmini", "train")
 MESH_SELECTOR_FLAG = "--mesh_selector"
 EXPERIMENT_FLAGS: tuple[str, ...] = ("--config", "--experiment")  # `axmini train` spells it either way
@@ -49,10 +51,10 @@ class LaunchSpec(ConfigBase):
     image: str = ""  # container image with axmini installed (JobSet, xpk; optional for gcloud)
     command: Required[list[str]] = REQUIRED  # ["axmini", "train", ...]; --mesh_selector is added
     env: dict[str, str] = {}
-    priority: Literal["very-low", "low", "medium", "high", "very-high"] = "medium"
+    priority: Priority = "medium"
     queue: str = ""  # Kueue LocalQueue (JobSet label kueue.x-k8s.io/queue-name)
     max_restarts: int = 0  # restarts of the whole job after a failure
-    provisioning: Literal["on-demand", "spot", "reserved"] = "on-demand"
+    provisioning: Provisioning = "on-demand"
     reservation: str = ""  # reservation name, with provisioning="reserved" (JobSet, xpk)
     project: str = ""  # GCP project (xpk, gcloud; default: gcloud's configured project)
     zone: str = ""  # GCP zone (required by gcloud)
