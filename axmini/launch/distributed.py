@@ -9,7 +9,7 @@ distributed client are fixed when the backend starts. What it does depends on th
   slice (job index) and host (completion index), `AXMINI_SLICE_ID * (processes per slice) + AXMINI_HOST_ID` with
   processes per slice = `AXMINI_NUM_PROCESSES / AXMINI_NUM_SLICES`.
 - `AXMINI_DISTRIBUTED=auto`: `jax.distributed.initialize()` detects the cluster itself (Cloud TPU VMs, GKE TPU pods,
-  Slurm...).
+  Slurm...); jax takes the coordinator from `JAX_COORDINATOR_ADDRESS` when set (our JobSets set it to the first pod).
 - `AXMINI_LOCAL_DEVICES=K` (CPU only): this process gets K simulated CPU devices.
 """
 
