@@ -274,6 +274,10 @@ class Attention(Layer):
     - shared_kv: the keys/values of another layer (this layer's `input_linear` is a QueryOnlyProjection,
       possibly wrapped by RoPE); the layer keeps no cache.
 
+    The output's `kv` is what the layer attended over: the current tokens' keys (training forward), the
+    updated cache (full cache), or the old ring plus the new tokens (window cache). A consumer of a local
+    layer's `kv` therefore sees at most that layer's window when decoding.
+
     Writing a position that does not fit the cache (position >= S for a full cache, or for a window cache
     shorter than the window) raises ValueError when positions are concrete; under jit the write is
     dropped and that token's output is NaN, so the mistake cannot pass unnoticed.
