@@ -1,0 +1,429 @@
+"""The transformer layer and the stacks of layers: repeated (scanned), patterned, and KV-cache sharing.
+
+- `TransformerLayer`: pre-norm residual block with three slots (`norm`, `self_attention`, `feed_forward`).
+- `RepeatedStack`: one layer config x `num_layers`; parameters stacked on a leading `layers` axis and run
+  with `jax.lax.scan` (one compiled layer whatever the depth), in training and in decoding.
+- `PatternStack`: a list of layer configs tiled to `num_layers` ("3 local : 1 global", "dense, MoE").
+- KV-cache sharing (Apple Foundation LM 2025): with `kv_sharing=(a, b)` both stacks split into two blocks
+  of depth ratio a:b. Second-block layers have no key/value projections (their projection becomes a
+  `QueryOnlyProjection`) and attend to the keys/values of the LAST first-block layer; only first-block
+  layers keep a KV cache, so the cache shrinks by b / (a + b).
+
+Every call is one code path: `cache=None` is the training forward; with a cache (from `init_cache`) the
+new tokens are written into it (prefill or one-step extend).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+from axmini.config import REQUIRED, ConfigBase, ConfigModifier, Required, find_configs, map_configs, replace_config
+from axmini.layers.attention import (
+    KV,
+    Attention,
+    BaseQKVProjection,
+    QueryOnlyProjection,
+    SlidingWindowModifier,
+    is_attention_config,
+)
+from axmini.layers.feed_forward import FeedForward
+from axmini.layers.norm import RMSNorm
+from axmini.layers.position import RoPEProjection
+from axmini.module import AuxLoss, Layer, Summary
+
+Array = jax.Array
+
+
+def _path(cfg: ConfigBase, field: str) -> str:
+    base = getattr(cfg, "_path", "") or type(cfg).__qualname__.removesuffix(".Config")
+    return f"{base}.{field}"
+
+
+class LayerOutput(NamedTuple):
+    x: Array  # [B,T,D]
+    cache: Any | None  # The layer's updated cache (None without a cache, or for a KV-sharing consumer).
+    kv: KV | None  # The keys/values its attention used, for a KV-sharing consumer.
+
+
+class TransformerLayer(Layer):
+    """x + attention(norm(x)), then x + feed_forward(norm(x)). Each of the three parts is a slot."""
+
+    class Config(Layer.Config):
+        input_dim: Required[int] = REQUIRED
+        norm: Layer.Config = RMSNorm.default_config()
+        self_attention: Layer.Config = Attention.default_config()
+        feed_forward: Layer.Config = FeedForward.default_config()
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        dim = cfg.input_dim
+        self.attention_norm = cfg.norm.clone(input_dim=dim).instantiate(rngs=rngs)
+        self.self_attention = cfg.self_attention.clone(input_dim=dim).instantiate(rngs=rngs)
+        self.feed_forward_norm = cfg.norm.clone(input_dim=dim).instantiate(rngs=rngs)
+        self.feed_forward = cfg.feed_forward.clone(input_dim=dim).instantiate(rngs=rngs)
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: Any | None = None,
+        shared_kv: KV | None = None,
+    ) -> LayerOutput:
+        attn = self.self_attention(
+            self.attention_norm(x), positions=positions, segment_ids=segment_ids, cache=cache, shared_kv=shared_kv
+        )
+        x = x + attn.output
+        x = x + self.feed_forward(self.feed_forward_norm(x))
+        return LayerOutput(x, attn.cache, attn.kv)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
+        return self.self_attention.init_cache(batch_size, max_length, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stacks.
+
+
+class RematPolicy(enum.Enum):
+    """What each layer keeps for the backward pass (jax.checkpoint policies)."""
+
+    NONE = "none"  # Keep every activation (fastest, most memory).
+    FULL = "full"  # Keep only the layer input; recompute the rest.
+    DOTS_SAVEABLE = "dots_saveable"  # Keep matmul outputs.
+    DOTS_WITH_NO_BATCH_DIMS_SAVEABLE = "dots_with_no_batch_dims_saveable"  # Keep weight matmuls, not attention.
+
+    @property
+    def policy(self) -> Callable | None:
+        """The jax.checkpoint policy (None: save nothing but the inputs)."""
+        return getattr(jax.checkpoint_policies, self.value) if self.value.startswith("dots") else None
+
+    def apply(self, fn: Callable) -> Callable:
+        """`fn` wrapped in jax.checkpoint with this policy (unchanged for NONE)."""
+        return fn if self is RematPolicy.NONE else jax.checkpoint(fn, policy=self.policy)
+
+
+class StackOutput(NamedTuple):
+    x: Array  # [B,T,D]
+    cache: Any | None  # The updated cache of the first-block layers (None without a cache).
+
+
+def is_leaf_projection(cfg: ConfigBase) -> bool:
+    """A QKV projection config that does the projecting itself (not a wrapper such as RoPE)."""
+    return isinstance(cfg, BaseQKVProjection.Config) and not isinstance(
+        getattr(cfg, "inner", None), BaseQKVProjection.Config
+    )
+
+
+def kv_consumer_config(layer_cfg: ConfigBase, path: str) -> ConfigBase:
+    """`layer_cfg` with every key/value-producing projection replaced by a query-only one."""
+    if not find_configs(layer_cfg, is_leaf_projection):
+        raise ValueError(
+            f"{path}: KV sharing needs layers whose attention has a QKV projection slot (input_linear); "
+            f"{type(layer_cfg).__qualname__} has none. Set kv_sharing=None or use such an attention"
+        )
+    return replace_config(layer_cfg, target=is_leaf_projection, new=QueryOnlyProjection.default_config())
+
+
+def _windows(layer_cfg: ConfigBase) -> set[int | None]:
+    """The sliding windows (None = global) of the attentions in a layer config."""
+    return {getattr(c, "sliding_window", None) for _, c in find_configs(layer_cfg, is_attention_config)}
+
+
+class BaseStack(Layer):
+    """A stack of layers: [B,T,D] -> [B,T,D], with optional KV-cache sharing between two blocks."""
+
+    class Config(Layer.Config):
+        input_dim: Required[int] = REQUIRED
+        num_layers: Required[int] = REQUIRED
+        # KV-cache sharing: depth ratio (first block, second block), e.g. (5, 3) or (35, 21). None: off.
+        kv_sharing: tuple[int, int] | None = None
+        remat: RematPolicy = RematPolicy.NONE
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        if cfg.num_layers <= 0:
+            raise ValueError(f"{_path(cfg, 'num_layers')}={cfg.num_layers} must be positive")
+
+    @property
+    def num_kv_layers(self) -> int:
+        """The number of first-block layers: those that produce keys/values and keep a cache."""
+        cfg = self.config
+        if cfg.kv_sharing is None:
+            return cfg.num_layers
+        first, second = cfg.kv_sharing
+        total = first + second
+        if first <= 0 or second <= 0 or (cfg.num_layers * first) % total:
+            raise ValueError(
+                f"{_path(cfg, 'kv_sharing')}={cfg.kv_sharing} does not split {_path(cfg, 'num_layers')}="
+                f"{cfg.num_layers} into two whole, non-empty blocks; use a ratio a:b with a, b > 0 and "
+                f"num_layers * a divisible by a + b (e.g. (5, 3) for 56 layers gives 35 + 21)"
+            )
+        return cfg.num_layers * first // total
+
+    def _block_configs(self, layer_cfgs: list[ConfigBase]) -> list[ConfigBase]:
+        """Per-layer configs with input_dim filled and second-block layers made KV consumers."""
+        cfg = self.config
+        n_kv = self.num_kv_layers
+        layer_cfgs = [c.clone(input_dim=cfg.input_dim) for c in layer_cfgs]
+        if n_kv == cfg.num_layers:
+            return layer_cfgs
+        path = _path(cfg, "kv_sharing")
+        provider = _windows(layer_cfgs[n_kv - 1])
+        for i in range(n_kv, cfg.num_layers):
+            layer_cfgs[i] = kv_consumer_config(layer_cfgs[i], path)
+            for window in _windows(layer_cfgs[i]):
+                if any(w is not None and (window is None or window > w) for w in provider):
+                    raise ValueError(
+                        f"{path}: layer {i} attends with sliding_window={window} (None = global) to the keys/"
+                        f"values of layer {n_kv - 1} (sliding_window={sorted(provider, key=str)}), whose cache "
+                        "only holds its own window; decoding would differ from training. Make the last "
+                        "first-block layer global or give second-block layers a window no larger than its"
+                    )
+        return layer_cfgs
+
+    def __call__(
+        self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
+    ) -> StackOutput:
+        raise NotImplementedError(type(self))
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
+        raise NotImplementedError(type(self))
+
+
+def _stacked_layers(cfg: ConfigBase, num: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num` layers built from `cfg`, as one module whose parameters have a leading `layers` axis."""
+    module = _create_stacked(cfg.freeze(), num, rngs)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Param):
+            axes = node.get_metadata().get("axes") or (None,) * (node.get_value().ndim - 1)
+            node.set_metadata(axes=("layers", *axes))
+    return module
+
+
+@functools.partial(nnx.jit, static_argnums=(0, 1))
+def _create_stacked(cfg: ConfigBase, num: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Initializes the layers in one compiled call (eagerly, vmapped initializers compile op by op)."""
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> nnx.Module:
+        return cfg.instantiate(rngs=rngs)
+
+    return create(rngs)
+
+
+def _scan_layers(
+    layers: nnx.Module,
+    x: Array,
+    *,
+    positions: Array,
+    segment_ids: Array | None,
+    cache: Any | None,
+    shared_kv: KV | None,
+    want_kv: bool,
+    remat: RematPolicy,
+) -> tuple[Array, Any | None, KV | None]:
+    """Runs stacked `layers` in order with jax.lax.scan; returns (x, stacked new cache, last layer's kv).
+
+    What the layers sow is captured per layer inside the scan and sown again on `layers` afterwards:
+    aux losses summed over layers (a scalar, as from an unscanned layer), summaries stacked over layers.
+    """
+    graphdef, sown, state = nnx.split(layers, nnx.Intermediate, ...)
+
+    def step(layer_state: Any, x: Array, layer_cache: Any) -> tuple[LayerOutput, Any]:
+        layer = nnx.merge(graphdef, sown, layer_state)
+        out, losses, summaries = nnx.capture(_call_layer, AuxLoss, Summary)(
+            layer, x, positions, segment_ids, layer_cache, shared_kv
+        )
+        return out, (losses, summaries)
+
+    step = remat.apply(step)
+    kv = None
+    if want_kv:  # The scan carries the latest layer's kv, so only the last one is kept.
+
+        def first_kv(state: Any, cache: Any) -> KV:
+            first_state, first_cache = jax.tree.map(lambda a: a[0], (state, cache))
+            return step(first_state, x, first_cache)[0].kv
+
+        kv = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(first_kv, state, cache))
+
+    def body(carry: tuple[Array, KV | None], xs: tuple[Any, Any]) -> tuple[tuple[Array, KV | None], Any]:
+        out, aux = step(xs[0], carry[0], xs[1])
+        return (out.x, out.kv if want_kv else None), (out.cache, aux)
+
+    (x, kv), (new_cache, (losses, summaries)) = jax.lax.scan(body, (x, kv), (state, cache))
+    modules = dict(nnx.iter_modules(layers))
+    for path, variable in nnx.to_flat_state(losses):
+        modules[path[:-1]].add_aux_loss(path[-1], jnp.sum(variable.get_value(), axis=0))
+    for path, variable in nnx.to_flat_state(summaries):
+        modules[path[:-1]].add_summary(path[-1], variable.get_value())
+    return x, new_cache if cache is not None else None, kv
+
+
+class RepeatedStack(BaseStack):
+    """`num_layers` copies of one layer config, scanned over parameters stacked on a `layers` axis.
+
+    With KV sharing, `layers` holds the first block and `shared_kv_layers` the second (query-only) block.
+    The cache is the first block's layer caches stacked on a leading axis.
+    """
+
+    class Config(BaseStack.Config):
+        layer: Layer.Config = TransformerLayer.default_config()
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        n_kv = self.num_kv_layers
+        layer_cfgs = self._block_configs([cfg.layer] * cfg.num_layers)
+        self.layers = _stacked_layers(layer_cfgs[0], n_kv, rngs)
+        n_shared = cfg.num_layers - n_kv
+        self.shared_kv_layers = _stacked_layers(layer_cfgs[-1], n_shared, rngs) if n_shared else None
+
+    def __call__(
+        self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
+    ) -> StackOutput:
+        remat = self.config.remat
+        shared = self.shared_kv_layers is not None
+        x, cache, kv = _scan_layers(
+            self.layers,
+            x,
+            positions=positions,
+            segment_ids=segment_ids,
+            cache=cache,
+            shared_kv=None,
+            want_kv=shared,
+            remat=remat,
+        )
+        if shared:
+            x, _, _ = _scan_layers(
+                self.shared_kv_layers,
+                x,
+                positions=positions,
+                segment_ids=segment_ids,
+                cache=None,
+                shared_kv=kv,
+                want_kv=False,
+                remat=remat,
+            )
+        return StackOutput(x, cache)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
+        """The first block's layer caches, stacked on a leading axis of length `num_kv_layers`."""
+        one = self.layers.init_cache(batch_size, max_length, dtype)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_kv_layers, *a.shape)), one)
+
+
+class PatternStack(BaseStack):
+    """The layer configs in `pattern`, tiled to `num_layers` (unrolled; each layer has its own params).
+
+    E.g. pattern=[local, local, local, global] with num_layers=8 gives L L L G L L L G. The cache is a
+    tuple with one entry per first-block layer.
+    """
+
+    class Config(BaseStack.Config):
+        pattern: list[Layer.Config] = [TransformerLayer.default_config()]
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        period = len(cfg.pattern)
+        if period == 0 or cfg.num_layers % period:
+            raise ValueError(
+                f"{_path(cfg, 'num_layers')}={cfg.num_layers} is not a multiple of the pattern length "
+                f"len({_path(cfg, 'pattern')})={period}; use num_layers = k * {period or 'len(pattern)'}"
+            )
+        layer_cfgs = self._block_configs([cfg.pattern[i % period] for i in range(cfg.num_layers)])
+        self.layers = nnx.List([c.instantiate(rngs=rngs) for c in layer_cfgs])
+
+    def __call__(
+        self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
+    ) -> StackOutput:
+        n_kv = self.num_kv_layers
+        remat = self.config.remat
+        call = _call_layer if remat is RematPolicy.NONE else nnx.remat(_call_layer, policy=remat.policy)
+        new_cache, kv = [], None
+        for i, layer in enumerate(self.layers):
+            layer_cache = cache[i] if cache is not None and i < n_kv else None
+            out = call(layer, x, positions, segment_ids, layer_cache, kv if i >= n_kv else None)
+            x = out.x
+            if i < n_kv:
+                new_cache.append(out.cache)
+                kv = out.kv
+        return StackOutput(x, tuple(new_cache) if cache is not None else None)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
+        """One cache per first-block layer, in a tuple."""
+        return tuple(layer.init_cache(batch_size, max_length, dtype) for layer in self.layers[: self.num_kv_layers])
+
+
+def _call_layer(
+    layer: nnx.Module, x: Array, positions: Array, segment_ids: Array | None, cache: Any, shared_kv: KV | None
+) -> LayerOutput:
+    return layer(x, positions=positions, segment_ids=segment_ids, cache=cache, shared_kv=shared_kv)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feature modifiers.
+
+
+def is_stack_config(cfg: ConfigBase) -> bool:
+    return isinstance(cfg, BaseStack.Config)
+
+
+class KVSharingModifier(ConfigModifier):
+    """Turns on KV-cache sharing in every stack of a tree, with the given block depth ratio."""
+
+    class Config(ConfigModifier.Config):
+        # (first block, second block) depth ratio; the Apple on-device model uses 5:3 (35 + 21 layers).
+        split: tuple[int, int] = (5, 3)
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        return map_configs(cfg, is_stack_config, lambda stack: stack.set(kv_sharing=tuple(self.config.split)))
+
+
+class GlobalLocalModifier(ConfigModifier):
+    """Turns every stack into a pattern of `local_layers` sliding-window layers then `global_layers` global
+    ones (e.g. 3 local : 1 global), optionally without RoPE on the global layers (NoPE)."""
+
+    class Config(ConfigModifier.Config):
+        local_layers: int = 3
+        global_layers: int = 1
+        sliding_window: int = 4096
+        # Remove RoPE from the global layers (their attention then has no positional encoding).
+        strip_global_rope: bool = True
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        mcfg = self.config
+        for name in ("local_layers", "global_layers", "sliding_window"):
+            if getattr(mcfg, name) <= 0:
+                raise ValueError(f"{_path(mcfg, name)}={getattr(mcfg, name)} must be positive")
+        return map_configs(cfg, is_stack_config, self._convert)
+
+    def _convert(self, stack: ConfigBase) -> ConfigBase:
+        mcfg = self.config
+        layers = [stack.layer] if isinstance(stack, RepeatedStack.Config) else list(stack.pattern)
+        if len(layers) != 1:
+            raise ValueError(
+                f"GlobalLocalModifier: {getattr(stack, '_path', '') or 'the stack'} already has a pattern of "
+                f"{len(layers)} layer configs; apply it to a stack with one layer config"
+            )
+        window = SlidingWindowModifier.default_config().set(sliding_window=mcfg.sliding_window).instantiate()
+        local = window(layers[0].clone())
+        global_ = layers[0].clone()
+        if mcfg.strip_global_rope:
+            global_ = map_configs(global_, RoPEProjection, lambda rope: rope.inner)
+        result = PatternStack.default_config()
+        for name in set(result.field_names()) & set(stack.field_names()) - {"klass", "pattern"}:
+            setattr(result, name, getattr(stack, name))
+        return result.set(pattern=[local] * mcfg.local_layers + [global_] * mcfg.global_layers)

@@ -1,0 +1,316 @@
+"""Transformer layer and stacks: scan == unrolled, decode == forward, patterns, KV sharing, remat, aux outputs."""
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from axmini.config import REQUIRED, Required
+from axmini.layers.attention import Attention, QueryOnlyProjection
+from axmini.layers.norm import RMSNorm
+from axmini.layers.position import RoPEModifier, RoPEProjection
+from axmini.layers.transformer import (
+    GlobalLocalModifier,
+    KVSharingModifier,
+    PatternStack,
+    RematPolicy,
+    RepeatedStack,
+    TransformerLayer,
+)
+from axmini.module import Layer, build_abstract, capture_aux, param_infos
+
+DIM, B, T = 16, 2, 9
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compile():
+    """These tests compile many tiny programs: XLA's optimizations cost more than they save here."""
+    previous = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _layer(window=None) -> TransformerLayer.Config:
+    cfg = TransformerLayer.default_config()
+    cfg.self_attention.set(num_heads=4, num_kv_heads=2, sliding_window=window)
+    cfg.feed_forward.set(hidden_dim=32)
+    return RoPEModifier.default_config().instantiate()(cfg)
+
+
+def _repeated(num_layers=4, **kw) -> RepeatedStack.Config:
+    return RepeatedStack.default_config().set(input_dim=DIM, num_layers=num_layers, layer=_layer(), **kw)
+
+
+def _inputs(seed=0):
+    x = jax.random.normal(jax.random.key(seed), (B, T, DIM))
+    return x, jnp.broadcast_to(jnp.arange(T), (B, T))
+
+
+@nnx.jit
+def _run(stack, x, positions, cache=None):
+    """One jitted stack call (eager calls would compile every scan anew)."""
+    return stack(x, positions=positions, cache=cache)
+
+
+def _global_local(num_layers=4, kv_sharing=None):
+    cfg = _repeated(num_layers, kv_sharing=kv_sharing)
+    return (
+        GlobalLocalModifier.default_config().set(local_layers=1, global_layers=1, sliding_window=3).instantiate()(cfg)
+    )
+
+
+STACKS = {
+    "repeated_full": lambda: _repeated(),
+    "repeated_sliding_window": lambda: _repeated().set(layer=_layer(window=3)),
+    "repeated_kv_shared": lambda: _repeated(kv_sharing=(1, 1)),
+    "pattern_global_local_kv_shared": lambda: _global_local(kv_sharing=(1, 1)),
+}
+
+
+@pytest.mark.parametrize("name", list(STACKS))
+def test_prefill_then_extend_matches_forward(name):
+    stack = STACKS[name]().instantiate(rngs=nnx.Rngs(0))
+    x, positions = _inputs()
+    expected = _run(stack, x, positions).x
+
+    prefill = 4
+    out = _run(stack, x[:, :prefill], positions[:, :prefill], stack.init_cache(B, T))
+    outputs, cache = [out.x], out.cache
+    for t in range(prefill, T):  # T > window + prefill: the sliding-window ring wraps around.
+        out = _run(stack, x[:, t : t + 1], positions[:, t : t + 1], cache)
+        outputs.append(out.x)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(outputs, axis=1), expected, rtol=1e-5, atol=1e-5)
+
+
+def _unstacked_layers(stack: RepeatedStack) -> list[TransformerLayer]:
+    """The scanned stack's layers as separate modules with the same weights (slices of the stacked ones)."""
+    layers = []
+    for i in range(stack.config.num_layers):
+        layer = build_abstract(stack.config.layer.clone(input_dim=DIM))
+        nnx.update(layer, jax.tree.map(lambda a, i=i: a[i], nnx.state(stack.layers, nnx.Param)))
+        layers.append(layer)
+    return layers
+
+
+def test_scanned_stack_matches_layers_applied_in_turn():
+    stack = _repeated(num_layers=3).instantiate(rngs=nnx.Rngs(0))
+    x, positions = _inputs()
+    expected = x
+    for layer in _unstacked_layers(stack):
+        expected = _run(layer, expected, positions).x
+    np.testing.assert_allclose(_run(stack, x, positions).x, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_parameters_have_leading_layers_axis():
+    stack = _repeated(num_layers=3).instantiate(rngs=nnx.Rngs(0))
+    infos = {i.path: i for i in param_infos(stack)}
+    wi = infos["layers/feed_forward/wi_0"]
+    assert wi.shape == (3, DIM, 32) and wi.axes == ("layers", "embed", "mlp")
+    q = infos["layers/self_attention/input_linear/inner/q"]
+    assert q.shape[0] == 3 and q.axes[0] == "layers"
+    # Each layer is initialized from its own key.
+    w = np.asarray(stack.layers.feed_forward.wi_0[...])
+    assert not np.allclose(w[0], w[1])
+
+
+@pytest.mark.parametrize(
+    ("klass", "policy"),
+    [
+        (RepeatedStack, RematPolicy.FULL),
+        (RepeatedStack, RematPolicy.DOTS_WITH_NO_BATCH_DIMS_SAVEABLE),
+        (PatternStack, RematPolicy.DOTS_SAVEABLE),
+    ],
+)
+def test_remat_keeps_outputs_and_gradients(klass, policy):
+    def build(remat):
+        cfg = klass.default_config().set(input_dim=DIM, num_layers=2, remat=remat)
+        cfg.set(**({"layer": _layer()} if klass is RepeatedStack else {"pattern": [_layer()]}))
+        return cfg.instantiate(rngs=nnx.Rngs(0))
+
+    x, positions = _inputs()
+
+    def loss(stack):
+        return jnp.sum(stack(x, positions=positions).x ** 2)
+
+    base_loss, base_grads = nnx.jit(nnx.value_and_grad(loss))(build(RematPolicy.NONE))
+    remat_loss, remat_grads = nnx.jit(nnx.value_and_grad(loss))(build(policy))
+    np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), remat_grads, base_grads)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Patterns.
+
+
+def test_global_local_modifier_builds_the_pattern():
+    cfg = _repeated(num_layers=8)
+    cfg = GlobalLocalModifier.default_config().set(local_layers=3, global_layers=1, sliding_window=5).instantiate()(cfg)
+    assert isinstance(cfg, PatternStack.Config)
+    stack = build_abstract(cfg)
+    windows = [layer.self_attention.config.sliding_window for layer in stack.layers]
+    assert windows == [5, 5, 5, None, 5, 5, 5, None]
+    has_rope = [isinstance(layer.self_attention.input_linear, RoPEProjection) for layer in stack.layers]
+    assert has_rope == [True, True, True, False] * 2
+
+
+def test_global_local_modifier_can_keep_rope_on_global_layers():
+    modifier = GlobalLocalModifier.default_config().set(sliding_window=5, strip_global_rope=False).instantiate()
+    stack = build_abstract(modifier(_repeated(num_layers=4)))
+    assert all(isinstance(layer.self_attention.input_linear, RoPEProjection) for layer in stack.layers)
+
+
+def test_pattern_stack_tiles_heterogeneous_layers():
+    dense = _layer()
+    wide = _layer().set(feed_forward=dense.feed_forward.clone(hidden_dim=48))
+    stack = PatternStack.default_config().set(input_dim=DIM, num_layers=4, pattern=[dense, wide])
+    stack = build_abstract(stack)
+    assert [layer.feed_forward.hidden_dim for layer in stack.layers] == [32, 48, 32, 48]
+
+
+def test_pattern_not_dividing_num_layers_is_refused():
+    cfg = PatternStack.default_config().set(input_dim=DIM, num_layers=5, pattern=[_layer(), _layer(window=2)])
+    with pytest.raises(ValueError, match=r"num_layers=5 is not a multiple of the pattern length len\(.*pattern\)=2"):
+        build_abstract(cfg)
+
+
+def test_global_local_modifier_refuses_bad_window_and_patterned_stacks():
+    bad = GlobalLocalModifier.default_config().set(sliding_window=0).instantiate()
+    with pytest.raises(ValueError, match="sliding_window=0 must be positive"):
+        bad(_repeated())
+    patterned = PatternStack.default_config().set(input_dim=DIM, num_layers=4, pattern=[_layer(), _layer()])
+    with pytest.raises(ValueError, match="already has a pattern of 2 layer configs"):
+        GlobalLocalModifier.default_config().instantiate()(patterned)
+
+
+def test_nonpositive_num_layers_is_refused():
+    with pytest.raises(ValueError, match="num_layers=0 must be positive"):
+        build_abstract(_repeated(num_layers=0))
+
+
+# ------------------------------------------------------------------------------------------------------
+# KV-cache sharing.
+
+
+def _kv_params(layer_state) -> list[str]:
+    return [p for p, _ in _flat_paths(layer_state) if p.endswith(("inner/k", "inner/v", "k_norm/scale"))]
+
+
+def _flat_paths(state):
+    return [("/".join(map(str, path)), v) for path, v in nnx.to_flat_state(state)]
+
+
+@pytest.mark.parametrize("split", [(5, 3), (35, 21)])
+def test_kv_sharing_second_block_has_no_kv_projections(split):
+    cfg = _repeated(num_layers=8, kv_sharing=split)
+    cfg.layer.self_attention.qk_norm = RMSNorm.default_config()
+    stack = build_abstract(cfg)
+    assert stack.num_kv_layers == 5
+    assert isinstance(stack.shared_kv_layers.self_attention.input_linear.inner, QueryOnlyProjection)
+    assert _kv_params(nnx.state(stack.shared_kv_layers, nnx.Param)) == []
+    first = {i.path: i.shape for i in param_infos(stack.layers)}
+    assert first["self_attention/input_linear/inner/k"][0] == 5
+    assert "self_attention/k_norm/scale" in first
+
+
+def _cache_bytes(cache) -> int:
+    return sum(a.nbytes for a in jax.tree.leaves(cache))
+
+
+@pytest.mark.parametrize("klass", ["repeated", "pattern"])
+def test_kv_sharing_cache_holds_first_block_only_and_shrinks_by_split(klass):
+    def build(kv_sharing):
+        cfg = _repeated(num_layers=8, kv_sharing=kv_sharing)
+        if klass == "pattern":
+            cfg = PatternStack.default_config().set(
+                input_dim=DIM, num_layers=8, kv_sharing=kv_sharing, pattern=[_layer()]
+            )
+        return build_abstract(cfg)
+
+    full, shared = build(None).init_cache(B, 12), build((5, 3)).init_cache(B, 12)
+    if klass == "repeated":
+        assert shared.k.shape[0] == 5 and full.k.shape[0] == 8
+    else:
+        assert len(shared) == 5 and len(full) == 8
+    assert _cache_bytes(shared) / _cache_bytes(full) == 5 / 8
+
+
+def test_kv_sharing_split_must_divide_num_layers():
+    with pytest.raises(ValueError, match=r"kv_sharing=\(5, 3\) does not split .*num_layers=10"):
+        build_abstract(_repeated(num_layers=10, kv_sharing=(5, 3)))
+    with pytest.raises(ValueError, match=r"kv_sharing=\(4, 0\)"):
+        build_abstract(_repeated(num_layers=4, kv_sharing=(4, 0)))
+
+
+def test_global_consumer_of_a_local_provider_is_refused():
+    # Layers L G L G with split 1:1: the provider (layer 1) is global: fine.
+    build_abstract(_global_local(kv_sharing=(1, 1)))
+    # Split 3:1: the provider is layer 2 (local, window 3) and layer 3 is global: refused.
+    with pytest.raises(
+        ValueError, match=r"layer 3 attends with sliding_window=None .* layer 2 \(sliding_window=\[3\]\)"
+    ):
+        build_abstract(_global_local(kv_sharing=(3, 1)))
+
+
+class _NoQKVAttention(Layer):
+    class Config(Layer.Config):
+        input_dim: Required[int] = REQUIRED
+
+
+def test_kv_sharing_needs_a_qkv_projection_slot():
+    cfg = _repeated(num_layers=2, kv_sharing=(1, 1))
+    cfg.layer.self_attention = _NoQKVAttention.default_config()
+    with pytest.raises(ValueError, match="KV sharing needs layers whose attention has a QKV projection slot"):
+        build_abstract(cfg)
+
+
+def test_kv_sharing_modifier_reaches_every_stack():
+    cfg = KVSharingModifier.default_config().set(split=(3, 1)).instantiate()(_global_local(num_layers=8))
+    assert cfg.kv_sharing == (3, 1)
+    assert _repeated().kv_sharing is None
+    assert KVSharingModifier.default_config().instantiate()(_repeated()).kv_sharing == (5, 3)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Aux outputs of scanned layers.
+
+
+class _SowingFeedForward(Layer):
+    """A feed-forward filler that sows an aux loss and a summary (like MoE)."""
+
+    class Config(Layer.Config):
+        input_dim: Required[int] = REQUIRED
+        hidden_dim: Required[int] = REQUIRED
+
+    def __init__(self, cfg, *, rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.w = self.param((self.config.input_dim,), axes=("embed",), rngs=rngs)
+
+    def __call__(self, x):
+        self.add_aux_loss("l2", jnp.mean(x**2))
+        self.add_summary("norm", jnp.sqrt(jnp.sum(x**2)))
+        return x * self.w[...]
+
+
+def test_scanned_aux_losses_sum_over_layers():
+    cfg = _repeated(num_layers=3)
+    cfg.layer.feed_forward = _SowingFeedForward.default_config().set(hidden_dim=1)
+    stack = cfg.instantiate(rngs=nnx.Rngs(0))
+    x, positions = _inputs()
+
+    expected_loss, expected_norms, h = 0.0, [], x
+    for layer in _unstacked_layers(stack):
+        result = capture_aux(_run, layer, h, positions)
+        expected_loss += result.losses["feed_forward/l2"]
+        expected_norms.append(result.summaries["feed_forward/norm"])
+        h = result.output.x
+
+    result = capture_aux(_run, stack, x, positions)
+    np.testing.assert_allclose(result.losses["layers/feed_forward/l2"], expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(result.summaries["layers/feed_forward/norm"], expected_norms, rtol=1e-5)
+
+
+def test_attention_is_the_default_self_attention():
+    assert isinstance(TransformerLayer.default_config().self_attention, Attention.Config)
