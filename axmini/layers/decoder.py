@@ -1,0 +1,127 @@
+"""A causal language model: token embedding, a stack of layers, a final norm and the logits.
+
+`forward(input_ids, positions=..., segment_ids=..., cache=...)` is the one code path of training,
+prefill and extend; `__call__(batch)` returns the weighted cross-entropy loss (plus an optional z-loss)
+and metrics. The output projection is tied to the embedding (`lm_head=None`) or a separate Linear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+
+from axmini.config import REQUIRED, Required
+from axmini.layers.embedding import Embedding
+from axmini.layers.linear import Linear
+from axmini.layers.norm import RMSNorm
+from axmini.layers.transformer import RepeatedStack
+from axmini.module import Layer, shard_activation
+
+Array = jax.Array
+
+
+class DecoderOutput(NamedTuple):
+    logits: Array  # [B,T,V] float32
+    cache: Any | None  # The stack's updated cache (None without a cache).
+
+
+class Decoder(Layer):
+    """Causal LM. Batch keys: input_ids, target_ids [B,T]; optional target_weights, segment_ids, positions.
+
+    Without target_weights, targets equal to `pad_id` (and tokens of segment 0) do not count.
+    """
+
+    class Config(Layer.Config):
+        vocab_size: Required[int] = REQUIRED
+        dim: Required[int] = REQUIRED
+        embedding: Embedding.Config = Embedding.default_config()
+        stack: Layer.Config = RepeatedStack.default_config()
+        output_norm: Layer.Config = RMSNorm.default_config()
+        # The output projection [dim, vocab]; None ties it to the embedding (logits = x @ table^T).
+        lm_head: Linear.Config | None = None
+        # Weight of the z-loss mean(log(Z)^2), which keeps the softmax normalizer near 1. 0: off.
+        z_loss_weight: float = 0.0
+        pad_id: int = 0
+        # Activation dtype (parameters keep param_dtype), e.g. jnp.bfloat16 for mixed precision.
+        dtype: Any = jnp.float32
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        path = getattr(cfg, "_path", "") or "decoder"
+        for name in ("vocab_size", "dim"):
+            if getattr(cfg, name) <= 0:
+                raise ValueError(f"{path}.{name}={getattr(cfg, name)} must be positive")
+        if not 0 <= cfg.pad_id < cfg.vocab_size:
+            raise ValueError(f"{path}.pad_id={cfg.pad_id} is not a token id of vocab_size={cfg.vocab_size}")
+        if cfg.z_loss_weight < 0:
+            raise ValueError(f"{path}.z_loss_weight={cfg.z_loss_weight} must be >= 0")
+        self.embedding = cfg.embedding.clone(num_embeddings=cfg.vocab_size, dim=cfg.dim).instantiate(rngs=rngs)
+        self.stack = cfg.stack.clone(input_dim=cfg.dim).instantiate(rngs=rngs)
+        self.output_norm = cfg.output_norm.clone(input_dim=cfg.dim).instantiate(rngs=rngs)
+        self.lm_head = (
+            cfg.lm_head.clone(input_dim=cfg.dim, output_dim=cfg.vocab_size, axes=("embed", "vocab")).instantiate(
+                rngs=rngs
+            )
+            if cfg.lm_head is not None
+            else None
+        )
+
+    def forward(
+        self,
+        input_ids: Array,
+        *,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        cache: Any | None = None,
+    ) -> DecoderOutput:
+        """Logits [B,T,V] for `input_ids` [B,T]. Positions default to 0..T-1 (required with a cache)."""
+        if positions is None:
+            if cache is not None:
+                raise ValueError("Decoder.forward: with a cache, pass the positions of the new tokens")
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        x = shard_activation(self.embedding(input_ids, dtype=self.config.dtype), ("batch", "length", "embed"))
+        out = self.stack(x, positions=positions, segment_ids=segment_ids, cache=cache)
+        x = self.output_norm(out.x)
+        logits = self.embedding.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = shard_activation(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return DecoderOutput(logits, out.cache)
+
+    def __call__(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """(loss, metrics): weighted mean cross-entropy (+ z-loss); metrics loss, cross_entropy, z_loss,
+        accuracy, num_tokens."""
+        cfg = self.config
+        logits = self.forward(
+            batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
+        ).logits
+        targets = batch["target_ids"]
+        weights = batch.get("target_weights")
+        if weights is None:
+            weights = targets != cfg.pad_id
+            if batch.get("segment_ids") is not None:
+                weights &= batch["segment_ids"] != 0
+        weights = weights.astype(jnp.float32)
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        num_tokens = jnp.sum(weights)
+        denominator = jnp.maximum(num_tokens, 1.0)
+        cross_entropy = jnp.sum((log_z - target_logits) * weights) / denominator
+        z_loss = cfg.z_loss_weight * jnp.sum(jnp.square(log_z) * weights) / denominator
+        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        loss = cross_entropy + z_loss
+        metrics = {
+            "loss": loss,
+            "cross_entropy": cross_entropy,
+            "z_loss": z_loss,
+            "accuracy": jnp.sum(correct * weights) / denominator,
+            "num_tokens": num_tokens,
+        }
+        return loss, metrics
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
+        """An empty decoding cache for `batch_size` sequences of up to `max_length` positions."""
+        return self.stack.init_cache(batch_size, max_length, dtype)
