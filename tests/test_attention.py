@@ -158,6 +158,21 @@ def test_padding_is_never_attended():
     np.testing.assert_array_equal(np.asarray(out)[~real], 0.0)
 
 
+@pytest.mark.parametrize("kernel", list(AttentionKernel))
+def test_gradients_are_finite_with_fully_masked_padding_rows(kernel):
+    layer = build(attention_config(num_kv_heads=2, kernel=kernel))
+    graphdef, state = nnx.split(layer)
+
+    def loss(state, x):
+        out = nnx.merge(graphdef, state)(x, positions=PACKED_POSITIONS, segment_ids=PACKED).output
+        return jnp.sum(out**2)
+
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(state, random_x())
+    leaves = jax.tree.leaves(grads)
+    assert all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    assert np.abs(np.asarray(grads[1])[PACKED == 0]).max() == 0  # Padding tokens influence nothing.
+
+
 def test_parameters_carry_logical_axes():
     cfg = attention_config(num_kv_heads=2, qk_norm=RMSNorm.default_config())
     axes = {info.path: (info.shape, info.axes) for info in param_infos(build(cfg))}
