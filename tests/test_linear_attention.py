@@ -85,7 +85,7 @@ def make_inputs(length, seed=0, packed=True):
 # Lengths not divisible by the chunk; windows smaller and larger than the chunk; a chunk longer than the sequence.
 @pytest.mark.parametrize(
     ("length", "window", "chunk_size"),
-    [(1, 0, 4), (13, 0, 1), (13, 3, 4), (40, 3, 16), (40, 9, 4), (40, 20, 16), (40, 20, 7), (33, 5, 64)],
+    [(1, 0, 4), (13, 3, 1), (40, 3, 16), (40, 9, 4), (40, 20, 7), (33, 5, 64)],
 )
 def test_chunked_matches_quadratic_reference(length, window, chunk_size):
     q, k, v, seg = make_inputs(length, seed=length + window)
@@ -95,9 +95,14 @@ def test_chunked_matches_quadratic_reference(length, window, chunk_size):
 
 
 @pytest.mark.parametrize(
-    ("length", "window", "chunk_size", "checkpoint_every"), [(29, 2, 4, None), (29, 7, 5, 3), (50, 16, 8, 2)]
+    ("length", "window", "chunk_size", "checkpoint_every", "kind"),
+    [
+        (29, 2, 4, None, FeatureMap.SOFTMAX_PAIR),
+        (29, 7, 5, 3, FeatureMap.RELU),
+        (50, 16, 8, 2, FeatureMap.SOFTMAX_PAIR),
+        (50, 3, 8, None, FeatureMap.RELU),
+    ],
 )
-@pytest.mark.parametrize("kind", list(FeatureMap))
 def test_chunked_matches_scan(length, window, chunk_size, checkpoint_every, kind):
     q, k, v, seg = make_inputs(length, seed=7)
     expected = scan_reference(q, k, v, window, seg, kind)

@@ -102,12 +102,12 @@ def packed_inputs(length=14, seed=0):
     return x, jnp.asarray(pos, jnp.int32), jnp.asarray(seg)
 
 
-@pytest.mark.parametrize(("window", "chunk_size"), [(3, 4), (5, 2), (1, 16)])
+@pytest.mark.parametrize(("window", "chunk_size"), [(5, 2), (1, 16)])
 def test_forward_matches_reference(window, chunk_size):
     layer = build(rattention_config(sliding_window=window, chunk_size=chunk_size))
     x, pos, seg = packed_inputs()
     out = jax.jit(lambda x, p, s: layer(x, positions=p, segment_ids=s).output)(x, pos, seg)
-    want = reference(weights(layer), x, pos, seg, window)
+    want = jax.jit(reference, static_argnums=4)(weights(layer), x, pos, seg, window)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=2e-4, atol=2e-5)
     assert np.all(np.asarray(out)[0, -2:] == 0), "padding tokens attend nothing"
 
@@ -139,33 +139,31 @@ def test_window_covering_sequence_leaves_linear_branch_silent():
     assert np.all(np.asarray(out.linear) == 0.0) and np.any(np.asarray(out.window) != 0.0)
 
 
-@pytest.mark.parametrize("pads", [(None, None), ("right", "left")])
-def test_decode_matches_forward(pads):
-    """Prefill (of a prompt with padding on either side, per row) then one-token extends give the forward."""
+def test_decode_matches_forward():
+    """Prefill of a 7-token prompt padded to 9 (row 0: two trailing tokens at position -1; rows 1, 2: two
+    tokens of segment 0 on the right, on the left), then one-token extends, give the forward's outputs."""
     layer = build(rattention_config(sliding_window=3, chunk_size=2))
     length, prompt = 12, 7
-    x = jax.random.normal(jax.random.key(3), (2, length, D))
-    pos = jnp.broadcast_to(jnp.arange(length), (2, length))
+    x = jax.random.normal(jax.random.key(3), (3, length, D))
+    pos = jnp.broadcast_to(jnp.arange(length), (3, length))
     want = np.asarray(jax.jit(lambda x: layer(x, positions=pos).output)(x))
 
-    rows = []  # (x, positions, segment ids) of each row's prompt, with two padding tokens (segment 0)
-    for r, side in enumerate(pads):
-        px, ppos, pseg = x[r, :prompt], np.arange(prompt), np.ones(prompt, np.int32)
-        if side is not None:
-            junk, zeros = jnp.full((2, D), 7.0), np.zeros(2, np.int32)
-            px = jnp.concatenate([px, junk] if side == "right" else [junk, px])
-            ppos = np.r_[ppos, zeros] if side == "right" else np.r_[zeros, ppos]
-            pseg = np.r_[pseg, zeros] if side == "right" else np.r_[zeros, pseg]
-        rows.append((px, ppos, pseg))
+    junk, zeros, ones = jnp.full((2, D), 7.0), np.zeros(2, np.int32), np.ones(2, np.int32)
+    ppos, pseg = np.arange(prompt), np.ones(prompt, np.int32)
+    rows = [  # (x, positions, segment ids) of each row's prompt
+        (jnp.concatenate([x[0, :prompt], junk]), np.r_[ppos, -ones], np.r_[pseg, ones]),
+        (jnp.concatenate([x[1, :prompt], junk]), np.r_[ppos, zeros], np.r_[pseg, zeros]),
+        (jnp.concatenate([junk, x[2, :prompt]]), np.r_[zeros, ppos], np.r_[zeros, pseg]),
+    ]
     px, ppos, pseg = (jnp.stack(parts) for parts in zip(*rows))
 
     step = jax.jit(lambda x, p, s, c: layer(x, positions=p, segment_ids=s, cache=c))
-    out = step(px, ppos, pseg, layer.init_cache(2, 64))
-    prefilled = np.asarray(out.output)[np.asarray(pseg) == 1].reshape(2, prompt, D)
+    out = step(px, ppos, pseg, layer.init_cache(3, 64))
+    prefilled = np.asarray(out.output)[np.asarray((pseg == 1) & (ppos >= 0))].reshape(3, prompt, D)
     np.testing.assert_allclose(prefilled, want[:, :prompt], rtol=1e-4, atol=1e-5)
     cache = out.cache
     for t in range(prompt, length):
-        out = step(x[:, t : t + 1], pos[:, t : t + 1], jnp.ones((2, 1), jnp.int32), cache)
+        out = step(x[:, t : t + 1], pos[:, t : t + 1], jnp.ones((3, 1), jnp.int32), cache)
         cache = out.cache
         np.testing.assert_allclose(np.asarray(out.output)[:, 0], want[:, t], rtol=1e-4, atol=1e-5)
 
@@ -184,9 +182,8 @@ def test_decode_state_does_not_grow_with_length():
     np.testing.assert_array_equal(cache.window.positions, [[6, 7, 8, 9]])
 
 
-@pytest.mark.parametrize("state_checkpoint_every", [None, 2])
-def test_gradients_match_reference(state_checkpoint_every):
-    layer = build(rattention_config(sliding_window=2, chunk_size=3, state_checkpoint_every=state_checkpoint_every))
+def test_gradients_match_reference():
+    layer = build(rattention_config(sliding_window=2, chunk_size=3, state_checkpoint_every=2))
     x, pos, seg = packed_inputs(length=11, seed=5)
     cot = jax.random.normal(jax.random.key(9), (2, 11, D))
     graphdef, state = nnx.split(layer)
@@ -228,29 +225,36 @@ def test_sharded_matches_single_device():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-def tiny_decoder(num_layers: int = 2) -> Decoder.Config:
+def tiny_decoder(num_layers: int = 2, stack=RepeatedStack) -> Decoder.Config:
     attention = Attention.default_config().set(num_heads=2)
     layer = TransformerLayer.default_config().set(
         self_attention=attention, feed_forward=FeedForward.default_config().set(hidden_dim=32)
     )
-    stack = RepeatedStack.default_config().set(num_layers=num_layers, layer=layer)
+    stack = stack.default_config().set(num_layers=num_layers)
+    stack = stack.set(layer=layer) if isinstance(stack, RepeatedStack.Config) else stack.set(pattern=[layer])
     cfg = Decoder.default_config().set(vocab_size=32, dim=16, stack=stack)
     return RoPEModifier.default_config().instantiate()(cfg)
 
 
-def test_modifier_turns_every_attention_into_rattention_and_tiny_model_trains():
-    base = tiny_decoder()
+@pytest.mark.parametrize(("stack", "path"), [(RepeatedStack, "layer"), (PatternStack, "pattern[0]")])
+def test_modifier_turns_every_attention_into_rattention(stack, path):
+    base = tiny_decoder(stack=stack)
     cfg = RAttentionModifier.default_config().set(sliding_window=3).instantiate()(base)
     assert not find_configs(cfg, Attention)
-    (path, attention), *rest = find_configs(cfg, RAttention)
-    assert not rest and path == "stack.layer.self_attention"
+    (found, attention), *rest = find_configs(cfg, RAttention)
+    assert not rest and found == f"stack.{path}.self_attention"
     assert attention.sliding_window == 3 and attention.num_heads == 2
     assert isinstance(attention.input_linear, RoPEProjection.Config), "shared fields (the RoPE slot) carry over"
     assert find_configs(base, Attention), "the modifier does not touch its input"
+    assert RAttentionModifier.default_config().set(sliding_window=3).instantiate()(cfg) == cfg, "idempotent"
 
-    model = cfg.set(stack=cfg.stack.set(layer=cfg.stack.layer.set(self_attention=attention.set(chunk_size=4))))
-    model = model.instantiate(rngs=nnx.Rngs(0))
-    assert isinstance(model.stack.layers.self_attention, RAttention)
+
+def test_tiny_rattention_model_trains_and_decodes():
+    """A minimal hand-written optax loop: the loss goes down; then decoding matches the forward."""
+    cfg = RAttentionModifier.default_config().set(sliding_window=3).instantiate()(tiny_decoder(stack=PatternStack))
+    cfg.stack.pattern[0].self_attention.chunk_size = 4
+    model = cfg.instantiate(rngs=nnx.Rngs(0))
+    assert all(isinstance(layer.self_attention, RAttention) for layer in model.stack.layers)
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     ids = jax.random.randint(jax.random.key(0), (4, 17), 1, 32)
     batch = {"input_ids": ids[:, :-1], "target_ids": ids[:, 1:]}
@@ -264,16 +268,14 @@ def test_modifier_turns_every_attention_into_rattention_and_tiny_model_trains():
     losses = [float(train_step(model, optimizer, batch)) for _ in range(12)]
     assert losses[-1] < 0.8 * losses[0], losses
 
-    # The trained stack decodes (scanned RAttention caches) like its forward.
     logits = nnx.jit(lambda m, i: m.forward(i).logits)(model, ids[:1, :10])
     step = nnx.jit(lambda m, i, p, c: m.forward(i, positions=p, cache=c))
-    out = step(model, ids[:1, :6], jnp.arange(6)[None], model.init_cache(1, 10))
-    cache, decoded = out.cache, [out.logits]
-    for t in range(6, 10):
+    cache, decoded = model.init_cache(1, 10), []
+    for t in range(10):  # One token at a time (the layer tests cover prefill).
         out = step(model, ids[:1, t : t + 1], jnp.full((1, 1), t), cache)
         cache, decoded = out.cache, [*decoded, out.logits]
     np.testing.assert_allclose(np.concatenate(decoded, 1), logits, rtol=1e-4, atol=1e-4)
-    assert isinstance(cache, RAttentionCache) and isinstance(cache.window, KVCache)
+    assert all(isinstance(c, RAttentionCache) and isinstance(c.window, KVCache) for c in cache)
 
 
 def test_local_global_layout_and_variant():

@@ -168,8 +168,12 @@ def causal_linear_attention(
     k_seg = _pad_time(k_seg, padded, mode="edge")
     xs = tuple(_chunks_to_front(x, groups, per_group, chunk) for x in (q, k, v32, q_seg, k_seg))
 
-    body = _group_of_chunks if checkpoint_every is None else jax.checkpoint(_group_of_chunks)
-    (state, state_seg), out = jax.lax.scan(body, (initial.state.astype(jnp.float32), initial.segment_ids), xs)
+    carry = (initial.state.astype(jnp.float32), initial.segment_ids)
+    if checkpoint_every is None:  # One group: no outer loop.
+        (state, state_seg), out = _group_of_chunks(carry, tuple(x[0] for x in xs))
+        out = out[None]
+    else:
+        (state, state_seg), out = jax.lax.scan(jax.checkpoint(_group_of_chunks), carry, xs)
     out = jnp.moveaxis(out, 0, 1).reshape(batch, padded, num_heads, value_dim)[:, :length]
     return out.astype(v.dtype), LinearState(state, state_seg)
 
