@@ -17,6 +17,7 @@ from axmini.layers.linear import Linear
 from axmini.module import Layer
 from axmini.tools.patches import (
     Family,
+    ForwardChecks,
     UnknownFeatureError,
     baseline_complexity,
     baseline_files,
@@ -171,9 +172,9 @@ FEATURES = {
 
 
 def toy_model(i: int) -> ConfigBase:
-    """Model i has 1 + i % 3 blocks and feed-forward width 8 * (1 + i)."""
+    """Model i has 1 + i % 3 blocks and feed-forward width 16 + (i // 3) (shapes repeat: eager ops stay cached)."""
     block = ToyBlock.default_config()
-    block.feed_forward.set(hidden=8 * (1 + i))
+    block.feed_forward.set(hidden=16 + i // 3)
     return ToyModel.default_config().set(blocks=[block.clone() for _ in range(1 + i % 3)])
 
 
@@ -226,7 +227,7 @@ def test_moe_patch_swaps_each_feed_forward_class() -> None:
 
 @pytest.mark.parametrize("name", sorted(FEATURES))
 def test_lines_written_stay_constant_while_config_paths_grow(name: str) -> None:
-    result = sweep(FEATURES[name], toy_family(), grid_sizes(4, 2))
+    result = sweep(FEATURES[name], toy_family(), grid_sizes(4, 2), forward=ForwardChecks.ALL)
     per_block = {"rope": 1 + len(ToyRotary.default_config().to_flat_dict()), "moe": 2}[name]
     user = {"rope": 1, "moe": 1}[name]  # The comment line of rope's user code is not code.
     for point in result.points:
@@ -238,6 +239,20 @@ def test_lines_written_stay_constant_while_config_paths_grow(name: str) -> None:
     assert result.complexity("paths_changed").label == "O(N*M)"
     by_size = {(p.n, p.m): p.paths_changed for p in result.points}
     assert by_size[1, 1] < by_size[2, 1] < by_size[4, 1] < by_size[4, 2]
+
+
+def test_cover_forward_checks_every_model_and_every_variant_once() -> None:
+    chosen = ForwardChecks.COVER.targets(4, 2)
+    assert {i for i, _ in chosen} == set(range(4)) and {j for _, j in chosen} == {0, 1} and len(chosen) == 4
+    point = sweep(FEATURES["rope"], toy_family(), [(4, 2)]).points[0]
+    assert (point.built, point.forward_checked, point.forward_ok) == (8, 4, 4)
+    assert ForwardChecks.NONE.targets(4, 2) == set() and len(ForwardChecks.ALL.targets(4, 2)) == 8
+
+
+def test_checks_stop_at_the_deadline_but_config_metrics_cover_every_target() -> None:
+    point = sweep(FEATURES["moe"], toy_family(), [(2, 2)], deadline=0.0).points[0]
+    assert (point.build_checked, point.forward_checked, point.built) == (0, 0, 0)
+    assert point.paths_changed == 2 * _blocks(2, 2) and point.layers_changed == _blocks(2, 2)
 
 
 def test_slot_reach_decides_which_baseline_classes_are_edited() -> None:
@@ -309,8 +324,10 @@ def test_registered_feature_is_flat_in_lines_and_builds_on_the_synthetic_family(
     if not registry:
         pytest.skip("axmini/features.py does not exist yet")
     family = synthetic_family(2, 2)
-    result = sweep(registry[name], family, grid_sizes(2, 2))
+    result = sweep(registry[name], family, grid_sizes(2, 2), forward=ForwardChecks.NONE)
     assert result.complexity("user_lines").label == "O(1)"
     largest = result.points[-1]
-    assert largest.built == largest.targets and largest.forward_ok == largest.forward_checked, largest.failures
-    assert largest.paths_changed > result.points[0].paths_changed
+    assert largest.built == largest.build_checked == largest.targets, largest.failures
+    assert largest.paths_changed > result.points[0].paths_changed > 0
+    # One tiny forward pass (a compilation: seconds on CPU) on the last model with the last variant.
+    assert patch_target(registry[name], family, 1, 1).forward_ok

@@ -86,6 +86,17 @@ def test_report_writes_markdown_html_json_and_valid_pngs(
     assert data["baselines"]["moe"]["complexity"]["label"] == "O(N)"
 
 
+def test_checks_past_the_budget_are_reported_as_not_checked(
+    tmp_path: Path, toy_features: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, err = _run(["--out", str(tmp_path), "--features", "rope", "--check-budget", "0", "--no-progress"], capsys)
+    assert status == 0, err
+    text = (tmp_path / "report.md").read_text()
+    assert "4 of 4 targets were not build-checked within the check budget of 0 s" in text
+    (sweep,) = json.loads((tmp_path / "report.json").read_text())["sweeps"]
+    assert [p["build_checked"] for p in sweep["points"]] == [0, 0, 0, 0]
+
+
 def test_report_without_history_or_registry_still_writes_its_outputs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -104,6 +115,7 @@ def test_report_without_history_or_registry_still_writes_its_outputs(
         ("unknown-feature", "unknown feature 'ropee'; did you mean 'rope'?"),
         ("repo-without-commits", "--repo and --commits go together"),
         ("bad-family", "--family must be NxM"),
+        ("bad-budget", "--check-budget must be a number of seconds"),
         ("missing-out", "the following arguments are required: --out"),
     ],
 )
@@ -122,6 +134,7 @@ def test_bad_input_is_one_line_and_exit_status_2(
         "unknown-feature": [*out, "--features", "ropee"],
         "repo-without-commits": [*out, "--repo", str(repo)],
         "bad-family": [*out, "--family", "8by8"],
+        "bad-budget": [*out, "--check-budget", "-3"],
         "missing-out": ["--features", "rope"],
     }[case]
     status, err = _run(argv, capsys)

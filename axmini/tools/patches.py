@@ -12,7 +12,8 @@ measure:
 - config paths changed: `path: value` lines of `debug_string()` that differ, appear or vanish, summed over targets;
 - layer instances changed: layer configs (klass a `Layer`) whose class changed or that are new, summed;
 - builds: whether every model in the patched config builds abstractly (`build_abstract`), and, when the family
-  has a `forward_check(cfg)`, whether a forward pass at tiny size runs.
+  has a `forward_check(cfg)`, whether a forward pass at tiny size runs (on every target, or, by default, on a
+  set of targets that covers every model and every variant: see `ForwardChecks`).
 
 The baseline ("other systems"): for a synthetic family of N models x M attention variants we generate the Python
 source of a model-per-file library, in the style of libraries that give each model its own copy of every attention
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import functools
 import importlib
 import inspect
@@ -40,12 +42,14 @@ import re
 import subprocess
 import tempfile
 import textwrap
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import flax.nnx as nnx
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -228,6 +232,25 @@ def grid_sizes(max_n: int, max_m: int) -> list[tuple[int, int]]:
 # Measuring.
 
 
+class ForwardChecks(enum.Enum):
+    """Which targets of a family run the forward check (each costs a compilation: seconds on CPU).
+
+    ALL: every target. COVER: max(N, M) targets (k mod N, k mod M) that include every model and every
+    variant at least once. NONE: no forward check (builds are still checked on every target).
+    """
+
+    ALL = "all"
+    COVER = "cover"
+    NONE = "none"
+
+    def targets(self, n: int, m: int) -> set[tuple[int, int]]:
+        if self is ForwardChecks.ALL:
+            return {(i, j) for i in range(n) for j in range(m)}
+        if self is ForwardChecks.COVER:
+            return {(k % n, k % m) for k in range(max(n, m))}
+        return set()
+
+
 @dataclass(frozen=True)
 class TargetResult:
     """One patched target: what changed, where (inside the family's variant slot or not), and whether it builds."""
@@ -238,8 +261,8 @@ class TargetResult:
     paths_changed: int
     layers_changed: int
     paths_in_slot: int
-    built: bool
-    forward_ok: bool | None  # None: no forward check
+    built: bool | None  # None: not checked
+    forward_ok: bool | None  # None: not checked
     error: str | None = None
 
 
@@ -256,6 +279,7 @@ class PatchPoint:
     paths_changed: int
     layers_changed: int
     built: int
+    build_checked: int
     forward_ok: int
     forward_checked: int
     failures: tuple[str, ...] = ()
@@ -292,8 +316,14 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {first[0] if first else ''}"[:300]
 
 
-def patch_target(feature: FeatureLike, family: Family, i: int, j: int, *, build: bool = True) -> TargetResult:
-    """Applies the feature's modifier to target (i, j) of the family and measures the change."""
+def patch_target(
+    feature: FeatureLike, family: Family, i: int, j: int, *, build: bool = True, forward: bool = True
+) -> TargetResult:
+    """Applies the feature's modifier to target (i, j) of the family and measures the change.
+
+    `build` / `forward`: whether to run the build check / the family's forward check (if it has one); a
+    check not run is reported as None.
+    """
     name = family.target_name(i, j)
     before = family.target(i, j)
     try:
@@ -305,13 +335,14 @@ def patch_target(feature: FeatureLike, family: Family, i: int, j: int, *, build:
     if family.variant_slot is not None:
         slot_roots = [p for cfg in (before, after) for p, _ in find_configs(cfg, family.variant_slot)]
     in_slot = sum(_inside(p, slot_roots) for p in paths) if slot_roots else 0
-    built, forward_ok, error = True, None, None
+    built, forward_ok, error = None, None, None
     if build:
         try:
             (family.build_check or build_abstract_check)(after)
+            built = True
         except Exception as e:
             built, error = False, f"build: {_error_text(e)}"
-    if built and family.forward_check is not None:
+    if built is not False and forward and family.forward_check is not None:
         try:
             family.forward_check(after)
             forward_ok = True
@@ -326,26 +357,38 @@ def sweep(
     sizes: Sequence[tuple[int, int]],
     *,
     build: bool = True,
+    forward: ForwardChecks = ForwardChecks.COVER,
+    deadline: float | None = None,
     on_target: Callable[[], None] | None = None,
 ) -> FamilySweep:
-    """Measures the feature on every target of the largest size once, then sums each size's targets."""
+    """Measures the feature on every target of the largest size once, then sums each size's targets.
+
+    Every target is built (with `build`); the forward check runs on the targets `forward` selects, which
+    are measured first. After `deadline` (a `time.perf_counter()` value) no more checks start: the
+    remaining targets get their config metrics only and count as not checked.
+    """
     max_n, max_m = max(n for n, _ in sizes), max(m for _, m in sizes)
     if max_n > len(family.models) or max_m > len(family.variants):
         raise ValueError(
             f"family {family.name!r} has {len(family.models)} models x {len(family.variants)} variants; "
             f"sizes ask for {max_n} x {max_m}"
         )
+    forward_set = forward.targets(max_n, max_m)
+    order = sorted(((i, j) for i in range(max_n) for j in range(max_m)), key=lambda t: t not in forward_set)
     results = {}
-    for i in range(max_n):
-        for j in range(max_m):
-            results[i, j] = patch_target(feature, family, i, j, build=build)
-            if on_target is not None:
-                on_target()
+    for i, j in order:
+        check = deadline is None or time.perf_counter() < deadline
+        results[i, j] = patch_target(
+            feature, family, i, j, build=build and check, forward=check and (i, j) in forward_set
+        )
+        if on_target is not None:
+            on_target()
     user = count_code_lines(feature.user_code)
     impl = modifier_lines(modifier_config(feature))
     points = []
     for n, m in sizes:
         chosen = [results[i, j] for i in range(n) for j in range(m)]
+        built = [r for r in chosen if r.built is not None]
         checked = [r for r in chosen if r.forward_ok is not None]
         points.append(
             PatchPoint(
@@ -357,13 +400,14 @@ def sweep(
                 modifier_lines=impl,
                 paths_changed=sum(r.paths_changed for r in chosen),
                 layers_changed=sum(r.layers_changed for r in chosen),
-                built=sum(r.built for r in chosen),
+                built=sum(bool(r.built) for r in built),
+                build_checked=len(built),
                 forward_ok=sum(bool(r.forward_ok) for r in checked),
                 forward_checked=len(checked),
                 failures=tuple(f"{r.target}: {r.error}" for r in chosen if r.error),
             )
         )
-    return FamilySweep(feature.name, family.name, tuple(points), tuple(results.values()))
+    return FamilySweep(feature.name, family.name, tuple(points), tuple(results[t] for t in sorted(results)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -556,9 +600,30 @@ def experiment_family() -> Family:
     )
 
 
-def _decoder_forward_check(cfg: ConfigBase) -> None:
-    model = cfg.instantiate(rngs=nnx.Rngs(0))
-    output = model.forward(jnp.ones((1, 8), jnp.int32))
+def materialize(cfg: ConfigBase, seed: int = 0) -> nnx.Module:
+    """The model of `cfg` with small random parameters drawn by numpy into its abstract shapes.
+
+    Building a model for real compiles its initializers (seconds per config on CPU); a forward check only
+    needs parameters of the right shapes and dtypes, so the abstract model is filled instead.
+    """
+    graphdef, state = nnx.split(build_abstract(cfg.clone()))
+    rng = np.random.default_rng(seed)
+
+    def fill(leaf: Any) -> Any:
+        if not isinstance(leaf, jax.ShapeDtypeStruct):
+            return leaf
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            return jax.random.split(jax.random.key(seed), leaf.shape) if leaf.shape else jax.random.key(seed)
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.asarray(0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree.map(fill, state))
+
+
+def decoder_forward_check(cfg: ConfigBase) -> None:
+    """Runs `forward` of the (materialized) decoder on 8 tokens; raises unless the logits are finite."""
+    output = materialize(cfg).forward(jnp.ones((1, 8), jnp.int32))
     logits = getattr(output, "logits", output)
     if not np.isfinite(np.asarray(logits)).all():
         raise ValueError("non-finite logits")
@@ -570,18 +635,19 @@ ATTENTION_KNOBS = ("multi-query", "window", "qk-norm", "softcap", "fused-qkv")
 def synthetic_family(num_models: int = 20, num_variants: int = 10) -> Family:
     """The paper's setting at tiny size: `num_models` decoders x `num_variants` attention variants.
 
-    Model i is `experiments.decoders.tiny_decoder()` without positional encoding (so adding RoPE changes
-    something), with feed-forward activation i mod 5, LayerNorm instead of RMSNorm when (i // 5) is odd, and
+    Model i is `experiments.decoders.tiny_decoder()` with 8 layers (so 3:1 layer patterns and 5:3 KV-sharing
+    splits fit) and without positional encoding (so adding RoPE changes something), with feed-forward activation
+    i mod 5, LayerNorm instead of RMSNorm when (i // 5) is odd, and
     hidden width 32 * (1 + i // 10). Variant j sets the attention knobs of the bits of j, in the order of
     `ATTENTION_KNOBS` (multi-query, sliding window 4, qk RMSNorm, logit softcap 30, fused QKV weight).
     """
     try:
-        from experiments.decoders import tiny_decoder
-
         from axmini.layers.attention import Attention, FusedQKVProjection
         from axmini.layers.feed_forward import FeedForward, FeedForwardActivation
         from axmini.layers.norm import LayerNorm, RMSNorm
         from axmini.layers.position import RoPEProjection
+        from axmini.layers.transformer import BaseStack
+        from experiments.decoders import tiny_decoder
     except ImportError as e:
         raise FamilyUnavailableError(f"synthetic family needs the decoder layers: {e}") from None
     if num_variants > 2 ** len(ATTENTION_KNOBS):
@@ -593,6 +659,7 @@ def synthetic_family(num_models: int = 20, num_variants: int = 10) -> Family:
 
     def model(i: int) -> ConfigBase:
         cfg = map_configs(tiny_decoder(), is_a(RoPEProjection), lambda c: c.inner)
+        cfg = map_configs(cfg, is_a(BaseStack), lambda c: c.set(num_layers=8))
         ff = dict(activation=activations[i % len(activations)], hidden_dim=32 * (1 + i // 10))
         cfg = map_configs(cfg, is_a(FeedForward), lambda c: c.set(**ff))
         if (i // 5) % 2:
@@ -619,7 +686,7 @@ def synthetic_family(num_models: int = 20, num_variants: int = 10) -> Family:
         [(f"model{i}", functools.partial(model, i)) for i in range(num_models)],
         [(variant_name(j), variant(j)) for j in range(num_variants)],
         variant_slot=is_a(Attention),
-        forward_check=_decoder_forward_check,
+        forward_check=decoder_forward_check,
         note=inspect.getdoc(synthetic_family).split("\n\n", 1)[1].replace("\n", " "),
     )
 

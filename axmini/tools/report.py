@@ -1,11 +1,14 @@
 """The modularity report: history mode and patch mode in one run, written as report.md, report.html, PNGs, report.json.
 
-`axmini report modularity --out DIR [--repo PATH --commits FILE] [--features rope,moe] [--family 8x8]`:
+`axmini report modularity --out DIR [--repo PATH --commits FILE] [--features rope,moe] [--family 8x8]
+[--forward cover] [--check-budget 60]`:
 
 - with `--repo`/`--commits`, history mode measures the listed commits of any git repository (`history.py`);
 - patch mode applies each registered feature (`axmini/features.py`; all of them unless `--features` names some) to
   every named experiment and to a synthetic family of N models x M attention variants (`--family NxM`, powers of
   two up to N and M), next to the generated copy-per-class baseline (`patches.py`);
+- every patched target is built abstractly and some run a tiny forward pass (`--forward`), within a wall-time
+  budget for these checks (`--check-budget`, default 60 s, so the whole report stays under 2 minutes on CPU);
 - plots (matplotlib, Agg): integration LoC against the number of targets, per feature, log-log with the fitted
   slope; and changes made against lines written. report.html embeds them (base64), so it is one file.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import html
 import json
 import re
@@ -51,6 +55,7 @@ from axmini.tools.patches import (
     FamilySweep,
     FamilyUnavailableError,
     FeatureLike,
+    ForwardChecks,
     UnknownFeatureError,
 )
 
@@ -68,6 +73,7 @@ class ModularityResult:
     history: list[ChangeStats] = field(default_factory=list)
     repo: str | None = None
     notes: list[str] = field(default_factory=list)
+    timings: list[tuple[str, float]] = field(default_factory=list)  # (phase, seconds)
     seconds: float = 0.0
 
 
@@ -92,9 +98,14 @@ def run_modularity(
     commits: str | None = None,
     feature_names: Sequence[str] | None = None,
     family: tuple[int, int] = (8, 8),
+    forward: ForwardChecks = ForwardChecks.COVER,
+    check_budget: float = 60.0,
     progress: bool = True,
 ) -> ModularityResult:
     """Validates every input first (repository, commits, feature names), then measures.
+
+    Build and forward checks share `check_budget` seconds of wall time, split evenly over the sweeps (time one
+    sweep leaves goes to the next); targets past it keep their config metrics and count as not checked.
 
     Raises NotAGitRepositoryError, UnknownRevisionError, CommitsFileError or UnknownFeatureError on bad input.
     """
@@ -115,21 +126,46 @@ def run_modularity(
     if not registry and feature_names is None:
         result.notes.append("patch mode skipped: no features are registered (axmini/features.py is missing)")
     if repository is not None and entries:
+        tick = time.perf_counter()
         result.history = measure_history(repository, entries)
+        result.timings.append(("history", time.perf_counter() - tick))
     if result.features:
         families, notes = default_families(*family)
         result.notes += notes
         total = sum(len(result.features) * max(n for n, _ in s) * max(m for _, m in s) for _, s in families)
+        baselines: dict[tuple[bool, bool], list[BaselinePoint]] = {}
+        sweeps_left, checks_end = len(families) * len(result.features), time.perf_counter() + check_budget
         with tqdm(total=total, desc="modularity", unit="target", disable=not progress, file=sys.stderr) as bar:
             for fam, sizes in families:
                 for feature in result.features.values():
                     bar.set_postfix_str(f"{feature.name} on {fam.name}")
-                    result.sweeps.append(patches.sweep(feature, fam, sizes, on_target=lambda: bar.update(1)))
-                    if fam.variant_slot is not None:
-                        swept, result.baseline_family = result.sweeps[-1], fam.name
-                        result.baselines[feature.name] = patches.baseline_sweep(
-                            feature.name, sizes, variants=swept.reaches_slot, models=swept.reaches_outside_slot
-                        )
+                    tick = time.perf_counter()
+                    deadline = tick + max(checks_end - tick, 0.0) / sweeps_left
+                    sweeps_left -= 1
+                    swept = patches.sweep(
+                        feature, fam, sizes, forward=forward, deadline=deadline, on_target=lambda: bar.update(1)
+                    )
+                    result.sweeps.append(swept)
+                    result.timings.append((f"{feature.name} on {fam.name}", time.perf_counter() - tick))
+                    if fam.variant_slot is None:
+                        continue
+                    # The generated code's line counts do not depend on the feature's name: one run per kind.
+                    kind = (swept.reaches_slot, swept.reaches_outside_slot)
+                    if kind not in baselines:
+                        tick = time.perf_counter()
+                        baselines[kind] = patches.baseline_sweep(feature.name, sizes, variants=kind[0], models=kind[1])
+                        result.timings.append((f"baseline {feature.name}", time.perf_counter() - tick))
+                    result.baselines[feature.name] = [
+                        dataclasses.replace(p, feature=feature.name) for p in baselines[kind]
+                    ]
+                    result.baseline_family = fam.name
+    unchecked = sum(r.built is None for sweep in result.sweeps for r in sweep.results)
+    if unchecked:
+        total = sum(len(sweep.results) for sweep in result.sweeps)
+        result.notes.append(
+            f"{unchecked} of {total} targets were not build-checked within the check budget of {check_budget:g} s "
+            "(config metrics cover every target); raise --check-budget (or give inf) to check them all"
+        )
     result.seconds = time.perf_counter() - start
     return result
 
@@ -226,6 +262,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Block:
     return ("table", (list(header), [[str(c) for c in row] for row in rows]))
 
 
+def _checks(ok: int, checked: int, total: int) -> str:
+    """ "ok/checked", and how many targets were not checked."""
+    if not checked:
+        return "-"
+    return f"{ok}/{checked}" + (f" ({total - checked} not checked)" if checked < total else "")
+
+
 def build_document(result: ModularityResult, images: dict[str, Path]) -> list[Block]:
     """The report's content, in order."""
     doc: list[Block] = [("h1", "axmini modularity report")]
@@ -243,8 +286,9 @@ def build_document(result: ModularityResult, images: dict[str, Path]) -> list[Bl
             rows.append(
                 [sweep.feature, sweep.family, last.user_lines, last.modifier_lines]
                 + [sweep.complexity("user_lines").describe(), sweep.complexity("paths_changed").describe()]
-                + [f"{last.targets} / {last.paths_changed} / {last.layers_changed}", f"{last.built}/{last.targets}"]
-                + [f"{last.forward_ok}/{last.forward_checked}" if last.forward_checked else "-"]
+                + [f"{last.targets} / {last.paths_changed} / {last.layers_changed}"]
+                + [_checks(last.built, last.build_checked, last.targets)]
+                + [_checks(last.forward_ok, last.forward_checked, last.targets)]
                 + [patches.baseline_complexity(baseline).describe() if baseline and mirrored else "-"]
             )
         header = ["feature", "family", "lines written", "modifier lines", "lines written grow as"]
@@ -268,8 +312,11 @@ def build_document(result: ModularityResult, images: dict[str, Path]) -> list[Bl
                 for p in sweep.points:
                     b = baseline.get((p.n, p.m)) if sweep.family == result.baseline_family else None
                     rows.append(
-                        [p.n, p.m, p.targets, p.user_lines, p.paths_changed, p.layers_changed, f"{p.built}/{p.targets}"]
-                        + [f"{p.forward_ok}/{p.forward_checked}" if p.forward_checked else "-"]
+                        [p.n, p.m, p.targets, p.user_lines, p.paths_changed, p.layers_changed]
+                        + [
+                            _checks(p.built, p.build_checked, p.targets),
+                            _checks(p.forward_ok, p.forward_checked, p.targets),
+                        ]
                         + ([b.integration_loc, b.classes_touched, b.modules_affected] if b else ["-", "-", "-"])
                     )
                 header = ["N models", "M variants", "targets", "lines written", "paths changed", "layers changed"]
@@ -305,6 +352,9 @@ def build_document(result: ModularityResult, images: dict[str, Path]) -> list[Bl
         doc.append(_table(["label", "LoC-complexity"], [[k, v.describe()] for k, v in fits.items()]))
         if "history" in images:
             doc.append(("img", (images["history"], "History: integration LoC vs targets")))
+    if result.timings:
+        doc.append(("h2", "Timings"))
+        doc.append(_table(["phase", "seconds"], [[phase, f"{sec:.1f}"] for phase, sec in result.timings]))
     return doc
 
 
@@ -387,6 +437,7 @@ def report_json(result: ModularityResult) -> dict[str, Any]:
         sweeps.append({**patches.to_json(s), "complexity": fits})
     return {
         "seconds": round(result.seconds, 3),
+        "timings": [{"phase": phase, "seconds": round(sec, 3)} for phase, sec in result.timings],
         "notes": result.notes,
         "features": {
             name: {
@@ -455,6 +506,16 @@ def _family_size(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"--check-budget must be a number of seconds >= 0 or inf, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="axmini report modularity", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for report.md/.html/.json and the PNGs")
@@ -462,6 +523,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--commits", help="file of 'label<TAB>rev-or-range[<TAB>targets]' lines (needs --repo)")
     parser.add_argument("--features", help="comma-separated feature names (default: every registered feature)")
     parser.add_argument("--family", type=_family_size, default=(8, 8), help="synthetic family size NxM (default 8x8)")
+    parser.add_argument(
+        "--forward",
+        choices=[c.value for c in ForwardChecks],
+        default=ForwardChecks.COVER.value,
+        help="targets that run a tiny forward pass: all, cover (every model and variant once; default), none",
+    )
+    parser.add_argument(
+        "--check-budget",
+        type=_seconds,
+        default=60.0,
+        help="seconds for build and forward checks in all (default 60; inf: check every target)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -475,7 +548,13 @@ def main_modularity(argv: list[str] | None = None) -> int:
             raise _UsageError("--repo and --commits go together (history mode needs both)")
         names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features else None
         result = run_modularity(
-            repo=args.repo, commits=args.commits, feature_names=names, family=args.family, progress=not args.no_progress
+            repo=args.repo,
+            commits=args.commits,
+            feature_names=names,
+            family=args.family,
+            forward=ForwardChecks(args.forward),
+            check_budget=args.check_budget,
+            progress=not args.no_progress,
         )
     except (_UsageError, NotAGitRepositoryError, UnknownRevisionError, CommitsFileError, UnknownFeatureError) as e:
         message = " ".join(str(e).split())
