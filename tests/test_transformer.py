@@ -116,15 +116,19 @@ def test_stacked_parameters_have_leading_layers_axis():
     assert not np.allclose(w[0], w[1])
 
 
+def _jaxpr_text(fn, module) -> str:
+    graphdef, state = nnx.split(module)
+    return str(jax.make_jaxpr(lambda s: fn(nnx.merge(graphdef, s)))(state))
+
+
 @pytest.mark.parametrize(
-    ("klass", "policy"),
+    ("klass", "policies"),
     [
-        (RepeatedStack, RematPolicy.FULL),
-        (RepeatedStack, RematPolicy.DOTS_WITH_NO_BATCH_DIMS_SAVEABLE),
-        (PatternStack, RematPolicy.DOTS_SAVEABLE),
+        (RepeatedStack, [RematPolicy.FULL, RematPolicy.DOTS_WITH_NO_BATCH_DIMS_SAVEABLE]),
+        (PatternStack, [RematPolicy.DOTS_SAVEABLE]),
     ],
 )
-def test_remat_keeps_outputs_and_gradients(klass, policy):
+def test_remat_keeps_outputs_and_gradients(klass, policies):
     def build(remat):
         cfg = klass.default_config().set(input_dim=DIM, num_layers=2, remat=remat)
         cfg.set(**({"layer": _layer()} if klass is RepeatedStack else {"pattern": [_layer()]}))
@@ -135,10 +139,15 @@ def test_remat_keeps_outputs_and_gradients(klass, policy):
     def loss(stack):
         return jnp.sum(stack(x, positions=positions).x ** 2)
 
-    base_loss, base_grads = nnx.jit(nnx.value_and_grad(loss))(build(RematPolicy.NONE))
-    remat_loss, remat_grads = nnx.jit(nnx.value_and_grad(loss))(build(policy))
-    np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), remat_grads, base_grads)
+    base = build(RematPolicy.NONE)
+    assert "remat" not in _jaxpr_text(loss, base)
+    base_loss, base_grads = nnx.jit(nnx.value_and_grad(loss))(base)
+    for policy in policies:
+        stack = build(policy)
+        assert "remat" in _jaxpr_text(loss, stack)  # jax.checkpoint's primitive.
+        remat_loss, remat_grads = nnx.jit(nnx.value_and_grad(loss))(stack)
+        np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), remat_grads, base_grads)
 
 
 # ------------------------------------------------------------------------------------------------------
