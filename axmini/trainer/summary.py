@@ -1,0 +1,93 @@
+"""Summaries: TensorBoard event files, a `metrics.jsonl` log, and a progress bar.
+
+`SummaryWriter.write(step, metrics)` records scalars under a prefix (`train/loss`, `eval/loss`, ...) to
+TensorBoard (tensorboardX) and appends one JSON line per call to `metrics.jsonl`, which tests and scripts
+read without TensorBoard. Only process 0 writes. `ProgressBar` shows step, loss and tokens/s (tqdm).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from axmini.config import REQUIRED, Configurable, Required
+
+
+def model_flops_per_token(num_params: int) -> float:
+    """Training FLOPs per token, the standard 6N estimate (forward + backward; attention excluded)."""
+    return 6.0 * num_params
+
+
+def mfu(tokens_per_second: float, num_params: int, num_chips: int, peak_flops_per_chip: float | None) -> float | None:
+    """Model FLOPs utilization: achieved model FLOP/s over the chips' peak (None when the peak is unknown)."""
+    if not peak_flops_per_chip:
+        return None
+    return tokens_per_second * model_flops_per_token(num_params) / (num_chips * peak_flops_per_chip)
+
+
+class SummaryWriter(Configurable):
+    """Writes scalar metrics to TensorBoard and to `<dir>/metrics.jsonl`."""
+
+    class Config(Configurable.Config):
+        dir: Required[str] = REQUIRED  # Filled by the trainer: the trainer dir.
+        tensorboard: bool = True
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._is_writer = jax.process_index() == 0
+        self._tensorboard: Any = None
+        self._jsonl: Any = None
+
+    def _open(self) -> None:
+        path = Path(self.config.dir)
+        path.mkdir(parents=True, exist_ok=True)
+        self._jsonl = open(path / "metrics.jsonl", "a", encoding="utf-8")
+        if self.config.tensorboard:
+            from tensorboardX import SummaryWriter as TensorBoardWriter
+
+            self._tensorboard = TensorBoardWriter(str(path / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
+        """Records `metrics` at `step` as `<prefix>/<name>` (non-finite values are kept as strings in JSON)."""
+        if not self._is_writer:
+            return
+        if self._jsonl is None:
+            self._open()
+        record: dict[str, Any] = {"step": step}
+        for name, value in metrics.items():
+            value = float(value)
+            record[f"{prefix}/{name}"] = value if math.isfinite(value) else str(value)
+            if self._tensorboard is not None:
+                self._tensorboard.add_scalar(f"{prefix}/{name}", value, step)
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+
+
+class ProgressBar:
+    """A tqdm bar over steps showing loss and tokens/s (process 0 only; silent when disabled)."""
+
+    def __init__(self, start: int, total: int, *, enabled: bool = True):
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            initial=start, total=total, unit="step", dynamic_ncols=True, disable=not enabled or jax.process_index()
+        )
+
+    def update(self, step: int, loss: float, tokens_per_second: float) -> None:
+        self._bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()

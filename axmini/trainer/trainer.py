@@ -1,0 +1,405 @@
+"""The trainer: builds model, learner, input, evaluator, checkpointer and summaries on a mesh, and trains.
+
+Hardware enters through mesh rules only: the instance type (`mesh_selector`, detected by default) selects
+the first matching `MeshRule`, whose modifiers rewrite this config and whose logical-axis rules place
+parameters, optimizer state and activations on the mesh. The model is initialized directly sharded (never
+whole on one device).
+
+The train state is a pytree `{"step", "params", "rest", "opt_state"}` (`rest`: the model's non-parameter
+variables, e.g. RNG counters). The train step is one jitted pure function with explicit in/out shardings:
+the model is merged from its graph definition and the state inside the step (nnx.split/merge at the jit
+boundary). With `microbatches > 1`, gradients are accumulated over a `lax.scan`. The loss is the model's
+loss plus every AuxLoss the model sows. Batches are indexed by step, so a restored checkpoint resumes the
+data exactly where the uninterrupted run would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from axmini.config import REQUIRED, Configurable, Required
+from axmini.mesh_rules import (
+    MeshRule,
+    default_mesh_rules,
+    detect_instance_type,
+    instance_type,
+    make_mesh,
+    select_mesh_rule,
+)
+from axmini.module import Layer, build_abstract, capture_aux, count_params, logical_to_spec, sharding_context
+from axmini.trainer.checkpointer import Checkpointer
+from axmini.trainer.evaluator import Evaluator
+from axmini.trainer.input import BATCH_KEYS, Batch, Input
+from axmini.trainer.learner import Learner
+from axmini.trainer.summary import ProgressBar, SummaryWriter, mfu
+
+State = dict[str, Any]
+BATCH_AXES = ("batch", "length")
+
+
+class TrainResult(NamedTuple):
+    step: int  # The last completed step.
+    losses: dict[int, float]  # Model loss of each step run by this call, by step number (1-based).
+    eval_metrics: dict[str, float]  # The last evaluation ({} when none ran).
+    preempted: bool  # True when stopped by SIGTERM (after saving a checkpoint).
+    state: State  # The final train state.
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any) -> Any:
+    """A NamedSharding per leaf of `abstract_state` (same structure): a variable's from its logical axes, and
+    replicated for plain arrays and for optimizer statistics whose rank differs from their parameter's
+    (Adafactor's factored moments)."""
+    items = jax.tree.leaves(abstract_state, is_leaf=_is_variable)
+
+    def sharding(item: Any) -> NamedSharding:
+        if not _is_variable(item):
+            return _replicated(mesh)
+        value = item.get_value()
+        axes = item.get_metadata().get("axes")
+        if axes is None or len(axes) != np.ndim(value):
+            return _replicated(mesh)
+        return NamedSharding(mesh, logical_to_spec(axes, rules, np.shape(value), mesh))
+
+    shardings = [sharding(item) for item in items]
+    treedef = jax.tree.structure(abstract_state)
+    if treedef.num_leaves != len(shardings):
+        raise ValueError("train state: every variable must hold exactly one array")
+    return jax.tree.unflatten(treedef, shardings)
+
+
+class Trainer(Configurable):
+    """Trains `model` on `input` with `learner` for `max_step` steps; see the module docstring."""
+
+    class Config(Configurable.Config):
+        dir: Required[str] = REQUIRED  # The run directory: config, checkpoints, summaries.
+        model: Required[Layer.Config] = REQUIRED  # Any layer whose __call__(batch) returns (loss, metrics).
+        input: Required[Input.Config] = REQUIRED
+        learner: Learner.Config = Learner.default_config()
+        evaluator: Evaluator.Config = Evaluator.default_config()
+        checkpointer: Checkpointer.Config = Checkpointer.default_config()
+        summary_writer: SummaryWriter.Config = SummaryWriter.default_config()
+        max_step: Required[int] = REQUIRED
+        microbatches: int = 1  # Gradient accumulation: the global batch is split into this many microbatches.
+        log_every_n_steps: int = 10
+        mesh_rules: list[MeshRule] = default_mesh_rules()
+        mesh_selector: str | None = None  # An instance type (cpu, gpu-h100-8, tpu-v5p-256...); None: detect.
+        seed: int = 0
+        progress_bar: bool = True
+
+    def __init__(self, cfg: Config, *, devices: list[jax.Device] | None = None):
+        selector = cfg.mesh_selector or detect_instance_type()
+        self.instance = instance_type(selector)
+        self.mesh_rule: MeshRule = select_mesh_rule(selector, cfg.mesh_rules)
+        cfg = self._fill_children(self._apply_mesh_rule(cfg))
+        super().__init__(cfg)
+        cfg = self.config
+        self.mesh = make_mesh(self.mesh_rule, devices)
+        self.rules = tuple(tuple(rule) for rule in self.mesh_rule.logical_axis_rules)
+        self._check(cfg)
+        self.input: Input = cfg.input.instantiate()
+        self.evaluator: Evaluator = cfg.evaluator.instantiate()
+        self.learner: Learner = cfg.learner.instantiate()
+        self._check_vocab(cfg)
+
+        abstract_model = build_abstract(cfg.model, cfg.seed)
+        self.num_params = count_params(abstract_model)
+        self._graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
+        self.abstract_state = jax.eval_shape(self._init_state)
+        self.state_shardings = state_shardings(self.abstract_state, self.mesh, self.rules)
+        self.batch_sharding = self._batch_sharding(cfg.input)
+        self._compiled: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # Building.
+
+    def _apply_mesh_rule(self, cfg: Config) -> Config:
+        """A copy of `cfg` rewritten by the selected rule's modifiers (remat, batch size... for the hardware)."""
+        cfg = cfg.clone()
+        for modifier in self.mesh_rule.modifiers:
+            cfg = modifier.instantiate()(cfg)
+        return cfg
+
+    @staticmethod
+    def _fill_children(cfg: Config) -> Config:
+        """Writes what the trainer owns into its children: directories and max_step."""
+        if cfg.dir is REQUIRED or cfg.max_step is REQUIRED:
+            return cfg  # Building reports the missing field by its path.
+        if cfg.checkpointer.dir is REQUIRED:
+            cfg.checkpointer.dir = str(Path(cfg.dir) / "checkpoints")
+        if cfg.summary_writer.dir is REQUIRED:
+            cfg.summary_writer.dir = cfg.dir
+        cfg.learner.max_step = cfg.max_step
+        return cfg
+
+    def _check(self, cfg: Config) -> None:
+        if cfg.max_step < 0:
+            raise ValueError(f"max_step={cfg.max_step} must be >= 0")
+        if cfg.microbatches <= 0 or cfg.log_every_n_steps <= 0:
+            raise ValueError(
+                f"microbatches={cfg.microbatches} and log_every_n_steps={cfg.log_every_n_steps} must be positive"
+            )
+        spec = logical_to_spec(BATCH_AXES, self.rules)
+        batch_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
+        shards = math.prod(self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape)
+        batch = cfg.input.global_batch_size
+        if batch % (shards * cfg.microbatches):
+            raise ValueError(
+                f"input.global_batch_size={batch} must be a multiple of microbatches={cfg.microbatches} x "
+                f"{shards} batch shards (mesh {dict(self.mesh.shape)}, mesh rule {self.mesh_rule.pattern!r})"
+            )
+
+    def _check_vocab(self, cfg: Config) -> None:
+        model_vocab = getattr(cfg.model, "vocab_size", None)
+        input_vocab = self.input.vocab_size()
+        if isinstance(model_vocab, int) and input_vocab is not None and input_vocab > model_vocab:
+            raise ValueError(
+                f"model.vocab_size={model_vocab} is smaller than the input's vocabulary ({input_vocab} ids, "
+                f"input.task or input.vocab_size); set model.vocab_size >= {input_vocab}"
+            )
+
+    @staticmethod
+    def _batch_shape(input_cfg: Input.Config) -> tuple[int, int]:
+        return (input_cfg.global_batch_size, input_cfg.sequence_length)
+
+    def _batch_sharding(self, input_cfg: Input.Config) -> NamedSharding:
+        """Batches are sharded over the mesh axes of the logical `batch` axis (rows) and `length`."""
+        return NamedSharding(
+            self.mesh, logical_to_spec(BATCH_AXES, self.rules, self._batch_shape(input_cfg), self.mesh)
+        )
+
+    # ------------------------------------------------------------------------------------------------
+    # Pure functions of the state.
+
+    def _init_state(self) -> State:
+        model = self.config.model.instantiate(rngs=nnx.Rngs(self.config.seed))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        step = jnp.zeros((), jnp.int32)
+        return {"step": step, "params": params, "rest": rest, "opt_state": self.learner.init(params)}
+
+    def _loss(self, params: Any, rest: Any, batch: Batch) -> tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]:
+        model = nnx.merge(self._graphdef, params, rest)
+        (loss, metrics), aux_losses, summaries = capture_aux(lambda m, b: m(b), model, batch)
+        total = loss + sum(aux_losses.values(), jnp.zeros((), jnp.float32))
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "total_loss": total,
+            **{f"aux/{k}": v for k, v in aux_losses.items()},
+            **{f"summary/{k}": v for k, v in summaries.items() if jnp.ndim(v) == 0},
+        }
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return total, (new_rest, metrics)
+
+    def _microbatches(self, batch: Batch) -> Batch:
+        """[B, T] -> [M, B/M, T], microbatch m taking rows m, m + M, ... so each keeps the batch sharding."""
+        m = self.config.microbatches
+        spec = PartitionSpec(None, *self.batch_sharding.spec)
+
+        def split(x: jax.Array) -> jax.Array:
+            x = x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1)
+            return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+        return jax.tree.map(split, batch)
+
+    def _train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+        params = state["params"]
+        if self.config.microbatches == 1:
+            (_, (rest, metrics)), grads = grad_fn(params, state["rest"], batch)
+        else:
+
+            def accumulate(carry: Any, microbatch: Batch) -> tuple[Any, dict[str, jax.Array]]:
+                grads, rest = carry
+                (_, (rest, metrics)), g = grad_fn(params, rest, microbatch)
+                return (jax.tree.map(jnp.add, grads, g), rest), metrics
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            (grads, rest), metrics = jax.lax.scan(accumulate, (zeros, state["rest"]), self._microbatches(batch))
+            grads = jax.tree.map(lambda g: g / self.config.microbatches, grads)
+            metrics = {k: v.sum() if k == "num_tokens" else v.mean() for k, v in metrics.items()}
+        update = self.learner.update(grads, state["opt_state"], params, state["step"])
+        new_state = {"step": state["step"] + 1, "params": update.params, "rest": rest, "opt_state": update.opt_state}
+        return new_state, {**metrics, **update.summaries}
+
+    def _eval_step(self, state: State, batch: Batch) -> dict[str, jax.Array]:
+        model = nnx.merge(self._graphdef, state["params"], state["rest"])
+        (loss, _), _, _ = capture_aux(lambda m, b: m(b), model, batch)
+        weight_sum = batch["target_weights"].astype(jnp.float32).sum()
+        return {"loss_sum": loss * weight_sum, "weight_sum": weight_sum}
+
+    # ------------------------------------------------------------------------------------------------
+    # Compiled entry points (traced inside the sharding context, so layers' activation hints apply).
+
+    def _compile(self, name: str, fn: Callable[..., Any], batch_input: Input.Config, **jit_kwargs: Any) -> Any:
+        if name not in self._compiled:
+            sharding = self._batch_sharding(batch_input)
+            shape = self._batch_shape(batch_input)
+            batch = {
+                k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "target_weights" else jnp.int32, sharding=sharding)
+                for k in BATCH_KEYS
+            }
+            jitted = jax.jit(fn, in_shardings=(self.state_shardings, sharding), **jit_kwargs)
+            with sharding_context(self.mesh, self.rules):
+                self._compiled[name] = jitted.lower(self.abstract_state, batch).compile()
+        return self._compiled[name]
+
+    def compiled_train_step(self) -> Any:
+        """The train step, compiled for this mesh (once)."""
+        return self._compile(
+            "train",
+            self._train_step,
+            self.config.input,
+            out_shardings=(self.state_shardings, _replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+    def train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        """One step on a global batch (see `global_batch`); the input state is donated."""
+        return self.compiled_train_step()(state, batch)
+
+    def eval_step(self, state: State, batch: Batch) -> dict[str, jax.Array]:
+        eval_input = self.config.evaluator.input
+        assert eval_input is not None
+        compiled = self._compile("eval", self._eval_step, eval_input, out_shardings=_replicated(self.mesh))
+        return compiled(state, batch)
+
+    def global_batch(self, local: Batch, input_cfg: Input.Config | None = None) -> Batch:
+        """This process's rows -> global arrays sharded over the batch axes of the mesh."""
+        input_cfg = input_cfg or self.config.input
+        shape, sharding = self._batch_shape(input_cfg), self._batch_sharding(input_cfg)
+        return {k: jax.make_array_from_process_local_data(sharding, np.asarray(local[k]), shape) for k in BATCH_KEYS}
+
+    # ------------------------------------------------------------------------------------------------
+    # State: init, restore, model.
+
+    def init_state(self) -> State:
+        """A fresh state, initialized directly sharded.
+
+        On CPU the init program is compiled without backend optimization: it runs once, and XLA:CPU spends
+        seconds optimizing its random-number code for nothing (values agree to the last float bit or so).
+        """
+        options = {"xla_backend_optimization_level": 0} if self.mesh.devices.flat[0].platform == "cpu" else None
+        with sharding_context(self.mesh, self.rules):
+            lowered = jax.jit(self._init_state, out_shardings=self.state_shardings).lower()
+        return lowered.compile(compiler_options=options)()
+
+    def restore_or_init(self, checkpointer: Checkpointer | None = None) -> State:
+        """The latest readable checkpoint's state, restored onto this mesh, or a fresh state."""
+        checkpointer = checkpointer or self.config.checkpointer.instantiate()
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_shardings
+        )
+        restored = checkpointer.restore_latest(abstract)
+        return restored.state if restored is not None else self.init_state()
+
+    def model(self, state: State) -> nnx.Module:
+        """The model with the parameters of `state` (e.g. for sampling)."""
+        return nnx.merge(self._graphdef, state["params"], state["rest"])
+
+    # ------------------------------------------------------------------------------------------------
+    # The loop.
+
+    def evaluate(self, state: State) -> dict[str, float]:
+        eval_input = self.config.evaluator.input
+        return self.evaluator.evaluate(
+            lambda batch: jax.device_get(self.eval_step(state, self.global_batch(batch, eval_input)))
+        )
+
+    def _write_run_files(self) -> None:
+        if jax.process_index() == 0:
+            path = Path(self.config.dir)
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "config.txt").write_text(self.config.debug_string() + "\n")
+
+    def run(self) -> TrainResult:
+        """Trains from the latest checkpoint (or from scratch) to max_step; saves on SIGTERM and at the end."""
+        cfg = self.config
+        self._write_run_files()
+        checkpointer: Checkpointer = cfg.checkpointer.instantiate()
+        writer: SummaryWriter = cfg.summary_writer.instantiate()
+        state = self.restore_or_init(checkpointer)
+        step = int(jax.device_get(state["step"]))
+        losses: dict[int, float] = {}
+        eval_metrics: dict[str, float] = {}
+        tokens_per_step = cfg.input.global_batch_size * cfg.input.sequence_length
+        bar = ProgressBar(step, cfg.max_step, enabled=cfg.progress_bar)
+        preempted = False
+        try:
+            with _preemption_notice() as preemption_requested:
+                batches: Iterator[Batch] = self.input.batches(step)
+                self.compiled_train_step()  # Compile before timing the first step.
+                tick = time.perf_counter()
+                while step < cfg.max_step:
+                    state, metrics = self.train_step(state, self.global_batch(next(batches)))
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # Blocks: CPU hang hazard.
+                    step += 1
+                    now = time.perf_counter()
+                    tokens_per_second = tokens_per_step / max(now - tick, 1e-9)
+                    tick = now
+                    losses[step] = metrics["loss"]
+                    bar.update(step, metrics["loss"], tokens_per_second)
+                    if step % cfg.log_every_n_steps == 0 or step == cfg.max_step:
+                        writer.write(step, {**metrics, **self._speed(tokens_per_second)})
+                    if self.evaluator.is_due(step) or (step == cfg.max_step and self.evaluator.enabled):
+                        eval_metrics = self.evaluate(state)
+                        writer.write(step, eval_metrics, prefix="eval")
+                        tick = time.perf_counter()
+                    checkpointer.save(step, state, {"input_position": step})
+                    if preemption_requested(step):
+                        preempted = True
+                        break
+            if self.evaluator.enabled and not eval_metrics and not preempted:
+                eval_metrics = self.evaluate(state)  # Resumed at max_step: report the final model anyway.
+            checkpointer.save(step, state, {"input_position": step}, force=True)
+        finally:
+            bar.close()
+            checkpointer.close()
+            writer.close()
+        return TrainResult(step, losses, eval_metrics, preempted, state)
+
+    def _speed(self, tokens_per_second: float) -> dict[str, float]:
+        speed = {"tokens_per_second": tokens_per_second}
+        utilization = mfu(tokens_per_second, self.num_params, self.mesh.size, self.instance.peak_flops_per_chip)
+        if utilization is not None:
+            speed["mfu"] = utilization
+        return speed
+
+
+@contextlib.contextmanager
+def _preemption_notice() -> Iterator[Callable[[int], bool]]:
+    """Yields `requested(step) -> bool`: whether to save and stop now. One process: SIGTERM sets a flag. Several:
+    JAX's preemption service (all processes agree on the step)."""
+    if jax.process_count() > 1:
+        yield multihost_utils.reached_preemption_sync_point
+        return
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda step: False
+        return
+    flag = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield lambda step: flag.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
