@@ -202,6 +202,15 @@ def test_copied_integration_costs_four_lines_per_model(repo: Path) -> None:
         assert list(stats.functions_touched) == expected_functions
 
 
+def test_pathspecs_limit_what_is_measured(repo: Path) -> None:
+    whole = measure_change(Repository(repo), "shared-4")
+    shared = measure_change(Repository(repo), "shared-4", paths=["shared/"])
+    models = measure_change(Repository(repo), "base-4..copy-4", paths=["models/model_0.py", "models/model_1.py"])
+    assert (shared.integration_loc, shared.implementation_loc) == (whole.integration_loc, whole.implementation_loc)
+    assert shared.excluded_files == () and whole.excluded_files != ()
+    assert models.integration_loc == 2 * 4 and models.files_modified == ("models/model_0.py", "models/model_1.py")
+
+
 def test_history_classifies_shared_slot_as_constant_and_copies_as_linear(repo: Path, tmp_path: Path) -> None:
     lines = [f"rope-shared\tshared-{n}\t{n}" for n in SIZES] + [f"rope-copied base-{n}..copy-{n} {n}" for n in SIZES]
     commits = tmp_path / "commits.tsv"

@@ -165,9 +165,11 @@ class Repository:
         head = self.commit_id(rev)
         return self._parent_or_empty_tree(head), head
 
-    def changes(self, base: str, head: str) -> list[FileChange]:
-        """The files that differ between two trees, renames detected, with changed line numbers."""
-        names = self.git("diff", "-M", "--name-status", "-z", "--no-ext-diff", base, head).split("\0")
+    def changes(self, base: str, head: str, paths: Sequence[str] = ()) -> list[FileChange]:
+        """The files that differ between two trees (under `paths`, git pathspecs, if given), renames detected,
+        with changed line numbers."""
+        limit = ["--", *paths] if paths else []
+        names = self.git("diff", "-M", "--name-status", "-z", "--no-ext-diff", base, head, *limit).split("\0")
         files: list[tuple[str, str | None, str | None]] = []
         i = 0
         while i < len(names) and names[i]:
@@ -179,7 +181,7 @@ class Repository:
                 path = names[i + 1]
                 files.append((status, None if status == "A" else path, None if status == "D" else path))
                 i += 2
-        patch = self.git("diff", "-M", "--unified=0", "--no-color", "--no-ext-diff", base, head)
+        patch = self.git("diff", "-M", "--unified=0", "--no-color", "--no-ext-diff", base, head, *limit)
         blocks = re.split(r"^diff --git .*$", patch, flags=re.M)[1:]
         if len(blocks) != len(files):
             raise GitError(f"git diff {base}..{head}: {len(files)} files but {len(blocks)} patch blocks")
@@ -277,10 +279,15 @@ def _symbol_names(path: str, text: str | None, lines: Iterable[int]) -> tuple[se
     }
 
 
-def measure_change(repo: Repository, rev: str, *, label: str = "", targets: int | None = None) -> ChangeStats:
-    """Implementation and integration cost of one revision or range, with the files and symbols it touches."""
+def measure_change(
+    repo: Repository, rev: str, *, label: str = "", targets: int | None = None, paths: Sequence[str] = ()
+) -> ChangeStats:
+    """Implementation and integration cost of one revision or range, with the files and symbols it touches.
+
+    With `paths` (git pathspecs), only files under them are measured.
+    """
     base, head = repo.resolve(rev)
-    changes = repo.changes(base, head)
+    changes = repo.changes(base, head, paths)
     counted = [c for c in changes if classify_path(c.path) == "code" and not c.binary]
     specs = []
     for c in counted:

@@ -198,7 +198,7 @@ class Complexity:
 
     def describe(self) -> str:
         pairs = (("slope_N", self.slope_n), ("slope_M", self.slope_m))
-        slopes = [f"{axis}={s:.2f}" for axis, s in pairs if s is not None]
+        slopes = [f"{axis}={s + 0.0 if abs(s) >= 0.005 else 0.0:.2f}" for axis, s in pairs if s is not None]
         return f"{self.label} ({', '.join(slopes)})" if slopes else self.label
 
 

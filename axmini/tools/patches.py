@@ -551,18 +551,27 @@ def baseline_sweep(
 ) -> list[BaselinePoint]:
     """Generates the library before and after adding `feature` for each size and measures it with history mode.
 
-    `variants` / `models`: whether the feature edits every attention-variant class / every model class (in
-    axmini: whether it changed configs inside / outside the family's variant slot).
+    Every size lives in its own directory (`NxM/`) of one scratch repository; one commit holds all of them
+    before, the next after, and each size is measured on its directory. `variants` / `models`: whether the
+    feature edits every attention-variant class / every model class (in axmini: whether it changed configs
+    inside / outside the family's variant slot).
     """
+
+    def tree(name: str | None) -> dict[str, str]:
+        return {
+            f"{n}x{m}/{path}": text
+            for n, m in sizes
+            for path, text in baseline_files(n, m, name, variants=variants, models=models).items()
+        }
+
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
         _git(root, "init", "-q")
-        points = []
+        base = _commit_tree(root, tree(None), "base")
+        head = _commit_tree(root, tree(feature), feature)
+        repo, points = Repository(root), []
         for n, m in sizes:
-            base = _commit_tree(root, baseline_files(n, m, variants=variants, models=models), f"base {n}x{m}")
-            edited = baseline_files(n, m, feature, variants=variants, models=models)
-            head = _commit_tree(root, edited, f"{feature} {n}x{m}")
-            stats = measure_change(Repository(root), f"{base}..{head}", label=feature, targets=n * m)
+            stats = measure_change(repo, f"{base}..{head}", label=feature, targets=n * m, paths=[f"{n}x{m}/"])
             points.append(
                 BaselinePoint(
                     feature=feature,
@@ -587,15 +596,18 @@ def baseline_complexity(points: Sequence[BaselinePoint]) -> Complexity:
 
 
 def experiment_family() -> Family:
-    """Every registered named experiment, as N models with one variant each."""
+    """Every registered named experiment, as N models with one variant each, smallest config first.
+
+    (The order makes the first N the cheapest to build, which matters when checks run out of time.)
+    """
     import experiments
 
-    names = experiments.names()
-    if not names:
+    sizes = {name: len(experiments.get(name).debug_string()) for name in experiments.names()}
+    if not sizes:
         raise FamilyUnavailableError("no named experiments are registered")
     return Family(
         "experiments",
-        [(name, functools.partial(experiments.get, name)) for name in names],
+        [(name, functools.partial(experiments.get, name)) for name in sorted(sizes, key=lambda n: (sizes[n], n))],
         note="every registered named experiment; lines written are the feature's user code, applied once to all",
     )
 
