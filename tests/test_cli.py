@@ -1,0 +1,134 @@
+"""The `axmini` command: bad invocations fail in one line (exit code 2) and write nothing; configs; train, sample."""
+
+import hashlib
+import os
+import pathlib
+
+import pytest
+
+from axmini.launch.cli import main
+
+
+def snapshot(root: pathlib.Path) -> dict[str, str]:
+    """{relative path: content hash} of every file under `root` (directories as '<dir>')."""
+    if not root.exists():
+        return {}
+    return {
+        str(p.relative_to(root)): "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def fails_in_one_line(capsys, argv, *patterns):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    for pattern in patterns:
+        assert pattern in err, err
+    return err
+
+
+def test_unknown_config_name_suggests_the_closest(tmp_path, capsys):
+    run = tmp_path / "run"
+    fails_in_one_line(capsys, ["train", "--config=tinny", f"--trainer_dir={run}"], "'tinny'", "did you mean 'tiny'")
+    assert not run.exists()
+
+
+def test_unknown_set_path(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--config=tiny", "--set", "model.dimm=64", f"--trainer_dir={run}"]
+    fails_in_one_line(capsys, argv, "model.dimm", "did you mean 'dim'")
+    assert not run.exists()
+
+
+def test_bad_value_type(tmp_path, capsys):
+    run = tmp_path / "run"
+    fails_in_one_line(capsys, ["train", "--config=tiny", "--set", "max_step=many", f"--trainer_dir={run}"], "max_step")
+    fails_in_one_line(capsys, ["train", "--config=tiny", "--set", "max_step", f"--trainer_dir={run}"], "PATH=VALUE")
+    assert not run.exists()
+
+
+def test_trainer_dir_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    fails_in_one_line(capsys, ["train", "--config=tiny", f"--trainer_dir={blocker / 'run'}"], "not writable")
+    fails_in_one_line(capsys, ["train", "--config=tiny", f"--trainer_dir={blocker}"], "not a directory")
+    if os.geteuid() != 0:  # root writes anywhere.
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        fails_in_one_line(capsys, ["train", "--config=tiny", f"--trainer_dir={locked / 'run'}"], "not writable")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_an_existing_run_is_left_untouched_by_a_bad_invocation(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "5").mkdir(parents=True)
+    (run / "run.json").write_text('{"config": "tiny", "overrides": []}\n')
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    before = snapshot(run)
+    fails_in_one_line(
+        capsys, ["train", "--config=tiny", "--set", "model.dim=oops", f"--trainer_dir={run}"], "model.dim"
+    )
+    fails_in_one_line(capsys, ["train", "--config=llama_100m", f"--trainer_dir={run}"], "holds a run of experiment")
+    bad_cfg = ["train", "--config=tiny", "--set", "input.global_batch_size=12", f"--trainer_dir={run}"]
+    fails_in_one_line(capsys, bad_cfg, "input.global_batch_size=12 must be a multiple")
+    assert snapshot(run) == before
+
+
+def test_usage_errors_are_one_line(capsys):
+    fails_in_one_line(capsys, ["train"], "--config")
+    fails_in_one_line(capsys, ["bogus"], "invalid choice")
+    fails_in_one_line(capsys, ["configs", "show"], "one experiment name")
+    fails_in_one_line(capsys, ["sample", "--trainer_dir=/nonexistent/run", "--prompt=x"], "run.json is missing")
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["train", "--help"], ["sample", "--help"], ["configs", "--help"], ["launch", "--help"]]
+)
+def test_help_everywhere(argv, capsys):
+    assert main(argv) == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_report_modularity_reaches_the_report_tool(capsys):
+    assert main(["report", "modularity", "--help"]) == 0
+    assert "modularity" in capsys.readouterr().out
+
+
+def test_configs_list_show_diff(capsys):
+    assert main(["configs", "list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert "tiny" in names and "llama_100m" in names
+    assert main(["configs", "show", "tiny", "--set", "max_step=7"]) == 0
+    assert "\nmax_step: 7\n" in capsys.readouterr().out
+    assert main(["configs", "diff", "tiny", "llama_100m"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "- model.dim: 128" in out and "+ model.dim: 768" in out
+    assert not any(line.startswith(("- klass", "+ klass")) for line in out)
+    assert main(["configs", "diff", "tiny", "tiny"]) == 0
+    assert "identical" in capsys.readouterr().out
+
+
+def test_train_then_sample_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    small = [
+        "max_step=2",
+        "model.dim=32",
+        "model.stack.num_layers=1",
+        "input.sequence_length=32",
+        "evaluator.input.sequence_length=32",
+        "evaluator.num_batches=1",
+        "progress_bar=False",
+    ]
+    argv = ["train", "--config=tiny", f"--trainer_dir={run}", *(f"--set={s}" for s in small)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "trained to step 2" in out and "validation loss" in out and "unigram entropy" in out
+    assert "sample (temperature 0.7" in out
+    assert (run / "run.json").exists() and (run / "checkpoints" / "2").is_dir()
+
+    assert main(["sample", f"--trainer_dir={run}", "--prompt=The module", "--max_new_tokens=4", "--num_samples=2"]) == 0
+    samples = capsys.readouterr().out.strip().splitlines()
+    assert len(samples) == 2 and all(s.startswith("The module") for s in samples)
+    fails_in_one_line(capsys, ["sample", f"--trainer_dir={run}", "--prompt=x", "--temperature=-1"], "--temperature")
