@@ -15,15 +15,6 @@ from axmini.module import build_sharded, sharding_context
 VOCAB, DIM, HEADS, KV_HEADS, HIDDEN, THETA = 40, 16, 4, 2, 32, 100.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """These tests compile many tiny programs: XLA's optimizations cost more than they save here."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _config(*, num_layers=2, tied=True, kv_sharing=None, z_loss_weight=0.0) -> Decoder.Config:
     cfg = Decoder.default_config().set(vocab_size=VOCAB, dim=DIM, z_loss_weight=z_loss_weight)
     cfg.stack = RepeatedStack.default_config().set(num_layers=num_layers, kv_sharing=kv_sharing)

@@ -14,15 +14,6 @@ VOCAB, PROMPT, NEW = 32, 5, 6
 LENGTHS = np.array([5, 2, 3])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """These tests compile many tiny programs: XLA's optimizations cost more than they save here."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _model(*, window=None, kv_sharing=None) -> Decoder:
     cfg = Decoder.default_config().set(vocab_size=VOCAB, dim=16)
     cfg.stack.set(num_layers=2, kv_sharing=kv_sharing)

@@ -15,15 +15,6 @@ from experiments.decoders import MODELS, afm_on_device, afm_on_device_global_loc
 GOLDEN = Path(__file__).parent / "golden" / "models"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """The one compiled test here is tiny: XLA's optimizations cost more than they save."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 @pytest.fixture(scope="module")
 def abstract_models():
     return {name: build_abstract(fn()) for name, fn in MODELS.items()}

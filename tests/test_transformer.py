@@ -23,15 +23,6 @@ from axmini.module import Layer, build_abstract, capture_aux, param_infos
 DIM, B, T = 16, 2, 9
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compile():
-    """These tests compile many tiny programs: XLA's optimizations cost more than they save here."""
-    previous = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", previous)
-
-
 def _layer(window=None) -> TransformerLayer.Config:
     cfg = TransformerLayer.default_config()
     cfg.self_attention.set(num_heads=4, num_kv_heads=2, sliding_window=window)
