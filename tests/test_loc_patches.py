@@ -25,6 +25,7 @@ from axmini.tools.patches import (
     config_paths_changed,
     grid_sizes,
     layers_changed,
+    layers_touched,
     modifier_config,
     modifier_lines,
     patch_target,
@@ -214,6 +215,9 @@ def test_rope_patch_changes_each_attention_by_the_rotary_config_leaves() -> None
     assert len(paths) == 3 * (1 + leaves)
     assert "blocks[0].attention.position" in paths and "blocks[2].attention.position.theta" in paths
     assert layers_changed(before, after) == [f"blocks[{k}].attention.position" for k in range(3)]
+    # The new rotary configs own their leaves; each attention owns its old `position: None` line.
+    touched = [f"blocks[{k}].attention{leaf}" for k in range(3) for leaf in ("", ".position")]
+    assert layers_touched(before, after) == touched
 
 
 def test_moe_patch_swaps_each_feed_forward_class() -> None:
@@ -223,6 +227,14 @@ def test_moe_patch_swaps_each_feed_forward_class() -> None:
         f"blocks[{k}].feed_forward.{leaf}" for k in range(2) for leaf in ("klass", "num_experts")
     ]
     assert layers_changed(before, after) == ["blocks[0].feed_forward", "blocks[1].feed_forward"]
+    assert layers_touched(before, after) == ["blocks[0].feed_forward", "blocks[1].feed_forward"]
+
+
+def test_a_field_change_touches_layers_without_changing_any() -> None:
+    before = toy_model(1)
+    after = map_configs(before, ToyAttention, lambda c: c.set(scale=0.5))
+    assert layers_changed(before, after) == []
+    assert layers_touched(before, after) == ["blocks[0].attention", "blocks[1].attention"]
 
 
 @pytest.mark.parametrize("name", sorted(FEATURES))

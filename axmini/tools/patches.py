@@ -11,6 +11,8 @@ measure:
 - modifier lines: the code lines of the modifier classes' own source (read with `inspect`), the implementation;
 - config paths changed: `path: value` lines of `debug_string()` that differ, appear or vanish, summed over targets;
 - layer instances changed: layer configs (klass a `Layer`) whose class changed or that are new, summed;
+- layers touched: layer configs that own a changed path (the innermost layer config above it), summed: the
+  "modules changed" of the report's second plot (a window-size change touches every attention, changing none);
 - builds: whether every model in the patched config builds abstractly (`build_abstract`), and, when the family
   has a `forward_check(cfg)`, whether a forward pass at tiny size runs (on every target, or, by default, on a
   set of targets that covers every model and every variant: see `ForwardChecks`).
@@ -156,6 +158,20 @@ def layers_changed(before: ConfigBase, after: ConfigBase) -> list[str]:
     return sorted(path for path, klass in _layer_classes(after).items() if old.get(path) is not klass)
 
 
+def layers_touched(before: ConfigBase, after: ConfigBase) -> list[str]:
+    """Paths of the layer configs that own a changed config path (the innermost layer config above it).
+
+    Unlike `layers_changed`, a layer whose class stays but whose fields change (a window size) counts.
+    """
+    roots = set(_layer_classes(before)) | set(_layer_classes(after))
+    touched = set()
+    for path in config_paths_changed(before, after):
+        owners = [root for root in roots if root != path and _inside(path, [root])]  # A slot line: its parent.
+        if owners:
+            touched.add(max(owners, key=len))
+    return sorted(touched)
+
+
 def _inside(path: str, roots: Iterable[str]) -> bool:
     return any(
         root == "" or path == root or path.startswith(f"{root}.") or path.startswith(f"{root}[") for root in roots
@@ -260,6 +276,7 @@ class TargetResult:
     variant: int
     paths_changed: int
     layers_changed: int
+    layers_touched: int
     paths_in_slot: int
     built: bool | None  # None: not checked
     forward_ok: bool | None  # None: not checked
@@ -278,6 +295,7 @@ class PatchPoint:
     modifier_lines: int
     paths_changed: int
     layers_changed: int
+    layers_touched: int
     built: int
     build_checked: int
     forward_ok: int
@@ -329,7 +347,7 @@ def patch_target(
     try:
         after = modifier_config(feature).instantiate()(before.clone())
     except Exception as e:  # A modifier that fails on a target is a result, not a crash of the report.
-        return TargetResult(name, i, j, 0, 0, 0, False, None, f"modifier: {_error_text(e)}")
+        return TargetResult(name, i, j, 0, 0, 0, 0, False, None, f"modifier: {_error_text(e)}")
     paths = config_paths_changed(before, after)
     slot_roots = []
     if family.variant_slot is not None:
@@ -348,7 +366,8 @@ def patch_target(
             forward_ok = True
         except Exception as e:
             forward_ok, error = False, f"forward: {_error_text(e)}"
-    return TargetResult(name, i, j, len(paths), len(layers_changed(before, after)), in_slot, built, forward_ok, error)
+    changed, touched = len(layers_changed(before, after)), len(layers_touched(before, after))
+    return TargetResult(name, i, j, len(paths), changed, touched, in_slot, built, forward_ok, error)
 
 
 def sweep(
@@ -363,9 +382,9 @@ def sweep(
 ) -> FamilySweep:
     """Measures the feature on every target of the largest size once, then sums each size's targets.
 
-    Every target is built (with `build`); the forward check runs on the targets `forward` selects, which
-    are measured first. After `deadline` (a `time.perf_counter()` value) no more checks start: the
-    remaining targets get their config metrics only and count as not checked.
+    Every target is built (with `build`); the forward check runs on the targets `forward` selects. After
+    `deadline` (a `time.perf_counter()` value) no more checks start: the remaining targets get their config
+    metrics only and count as not checked.
     """
     max_n, max_m = max(n for n, _ in sizes), max(m for _, m in sizes)
     if max_n > len(family.models) or max_m > len(family.variants):
@@ -373,16 +392,25 @@ def sweep(
             f"family {family.name!r} has {len(family.models)} models x {len(family.variants)} variants; "
             f"sizes ask for {max_n} x {max_m}"
         )
-    forward_set = forward.targets(max_n, max_m)
-    order = sorted(((i, j) for i in range(max_n) for j in range(max_m)), key=lambda t: t not in forward_set)
+
+    def in_time() -> bool:
+        return deadline is None or time.perf_counter() < deadline
+
+    # Builds are cheap and forward passes are not: one forward first, then every build, then other forwards.
+    forward_set = sorted(forward.targets(max_n, max_m))
+    order = sorted(((i, j) for i in range(max_n) for j in range(max_m)), key=lambda t: t not in forward_set[:1])
     results = {}
     for i, j in order:
-        check = deadline is None or time.perf_counter() < deadline
+        check = in_time()
         results[i, j] = patch_target(
-            feature, family, i, j, build=build and check, forward=check and (i, j) in forward_set
+            feature, family, i, j, build=build and check, forward=check and (i, j) in forward_set[:1]
         )
         if on_target is not None:
             on_target()
+    for i, j in forward_set[1:]:
+        if results[i, j].built is not False and in_time():
+            checked = patch_target(feature, family, i, j, build=False, forward=True)
+            results[i, j] = dataclasses.replace(results[i, j], forward_ok=checked.forward_ok, error=checked.error)
     user = count_code_lines(feature.user_code)
     impl = modifier_lines(modifier_config(feature))
     points = []
@@ -400,6 +428,7 @@ def sweep(
                 modifier_lines=impl,
                 paths_changed=sum(r.paths_changed for r in chosen),
                 layers_changed=sum(r.layers_changed for r in chosen),
+                layers_touched=sum(r.layers_touched for r in chosen),
                 built=sum(bool(r.built) for r in built),
                 build_checked=len(built),
                 forward_ok=sum(bool(r.forward_ok) for r in checked),
@@ -669,14 +698,19 @@ def synthetic_family(num_models: int = 20, num_variants: int = 10) -> Family:
     def is_a(base: type) -> Callable[[ConfigBase], bool]:
         return lambda c: _is_subclass(getattr(c, "klass", None), base)
 
-    def model(i: int) -> ConfigBase:
-        cfg = map_configs(tiny_decoder(), is_a(RoPEProjection), lambda c: c.inner)
-        cfg = map_configs(cfg, is_a(BaseStack), lambda c: c.set(num_layers=8))
+    base = map_configs(tiny_decoder(), is_a(RoPEProjection), lambda c: c.inner)
+    base = map_configs(base, is_a(BaseStack), lambda c: c.set(num_layers=8))
+
+    @functools.cache
+    def build_model(i: int) -> ConfigBase:
         ff = dict(activation=activations[i % len(activations)], hidden_dim=32 * (1 + i // 10))
-        cfg = map_configs(cfg, is_a(FeedForward), lambda c: c.set(**ff))
+        cfg = map_configs(base, is_a(FeedForward), lambda c: c.set(**ff))
         if (i // 5) % 2:
             cfg = replace_config(cfg, target=RMSNorm, new=LayerNorm.default_config())
         return cfg
+
+    def model(i: int) -> ConfigBase:
+        return build_model(i).clone()  # Built once; every target gets its own copy.
 
     def variant(j: int) -> Rewrite:
         knobs = {
