@@ -26,9 +26,10 @@ feature `f` there is generated as the smallest inline edit we could write: a new
 import line plus, for each edited class, one line in `__init__` (`self.f = config.f`) and one in `__call__` (the
 call of `apply_f`). The edited classes follow what the feature changed in axmini: if it changed configs inside the
 family's variant slot (e.g. the attention), every `Model{i}Attention{j}` is edited; if it changed configs outside
-it, every `Model{i}` is edited. Both versions are committed to a scratch git repository and measured by history mode
-(`axmini.tools.history`), so both sides use the same counting rules. Real libraries need more lines per class (and
-so grow faster): the baseline is a lower bound, and its growth, not its constant, is the point.
+it, every `Model{i}` is edited. Both versions (every size in its own `NxM/` directory) are committed to a scratch
+git repository and measured by history mode (`axmini.tools.history`), so both sides use the same counting rules.
+Real libraries need more lines per class (and so grow faster): the baseline is a lower bound, and its growth, not
+its constant, is the point.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ def model_configs(cfg: ConfigBase) -> list[tuple[str, ConfigBase]]:
     if _is_subclass(getattr(cfg, "klass", None), Layer):
         return [("", cfg)]
     found = find_configs(cfg, lambda c: _is_subclass(getattr(c, "klass", None), Layer))
-    return [(p, c) for p, c in found if not any(p.startswith(f"{q}.") or p.startswith(f"{q}[") for q, _ in found)]
+    return [(p, c) for p, c in found if not any(p.startswith((f"{q}.", f"{q}[")) for q, _ in found)]
 
 
 def build_abstract_check(cfg: ConfigBase) -> None:
@@ -637,7 +638,7 @@ def experiment_family() -> Family:
     return Family(
         "experiments",
         [(name, functools.partial(experiments.get, name)) for name in sorted(sizes, key=lambda n: (sizes[n], n))],
-        note="every registered named experiment; lines written are the feature's user code, applied once to all",
+        note="every registered named experiment, smallest config first (the first N are the N smallest)",
     )
 
 

@@ -71,6 +71,7 @@ class ModularityResult:
     sweeps: list[FamilySweep] = field(default_factory=list)
     baselines: dict[str, list[BaselinePoint]] = field(default_factory=dict)  # by feature
     baseline_family: str | None = None  # the family (with a variant slot) the baselines mirror
+    family_notes: dict[str, str] = field(default_factory=dict)  # how each family is built
     history: list[ChangeStats] = field(default_factory=list)
     repo: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -137,6 +138,7 @@ def run_modularity(
     if result.features:
         families, notes = default_families(*family)
         result.notes += notes
+        result.family_notes = {fam.name: fam.note for fam, _ in families}
         total = sum(len(result.features) * max(n for n, _ in s) * max(m for _, m in s) for _, s in families)
         baselines: dict[tuple[bool, bool], list[BaselinePoint]] = {}
         sweeps_left, checks_end = len(families) * len(result.features), time.perf_counter() + check_budget
@@ -344,7 +346,8 @@ def build_document(result: ModularityResult, images: dict[str, Path]) -> list[Bl
                 header = ["N models", "M variants", "targets", "lines written", "paths changed", "layers changed"]
                 header += ["layers touched"]
                 header += ["built", "forward ok", "baseline LoC", "baseline classes", "baseline modules"]
-                doc.append(("p", f"Family `{sweep.family}`."))
+                note = result.family_notes.get(sweep.family, "")
+                doc.append(("p", f"Family `{sweep.family}`{': ' + note if note else '.'}"))
                 doc.append(_table(header, rows))
                 failures = sorted({f for p in sweep.points for f in p.failures})
                 if failures:
