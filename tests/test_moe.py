@@ -8,16 +8,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from axmini.layers.feed_forward import FeedForwardActivation
+from axmini.config import find_configs
+from axmini.layers.attention import Attention
+from axmini.layers.decoder import Decoder
+from axmini.layers.feed_forward import FeedForward, FeedForwardActivation
 from axmini.layers.moe import (
     ExpertChoiceGating,
     MoE,
     MoEDispatch,
+    MoEModifier,
     RouterScore,
     TopKGating,
 )
+from axmini.layers.transformer import GlobalLocalModifier, PatternStack, RepeatedStack, TransformerLayer
 from axmini.mesh_rules import DEFAULT_LOGICAL_AXIS_RULES
-from axmini.module import build_sharded, capture_aux, sharding_context
+from axmini.module import build_abstract, build_sharded, capture_aux, sharding_context
 
 D, F, E = 8, 12, 4
 
@@ -181,7 +186,7 @@ def test_one_expert_top1_dropless_equals_dense_ffn(dispatch, activation):
 
 
 def gate(cfg, logits, *, deterministic=False):
-    return cfg.clone(num_experts=logits.shape[-1]).instantiate(rngs=nnx.Rngs(0))(
+    return cfg.clone(num_experts=logits.shape[-1]).instantiate()(
         jnp.asarray(logits, jnp.float32), deterministic=deterministic
     )
 
@@ -390,3 +395,64 @@ def test_expert_choice_bad_capacity_is_refused():
     cfg = moe_config(ExpertChoiceGating.default_config().set(eval_capacity_factor=-1.0))
     with pytest.raises(ValueError, match="eval_capacity_factor"):
         cfg.instantiate(rngs=nnx.Rngs(0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The feature patch.
+
+
+def small_decoder(num_layers=2):
+    layer = TransformerLayer.default_config().set(
+        self_attention=Attention.default_config().set(num_heads=2, num_kv_heads=1),
+        feed_forward=FeedForward.default_config().set(hidden_dim=F, activation=FeedForwardActivation.GEGLU),
+    )
+    return Decoder.default_config().set(
+        vocab_size=32, dim=D, stack=RepeatedStack.default_config().set(num_layers=num_layers, layer=layer)
+    )
+
+
+def moe_modifier(**kw):
+    return MoEModifier.default_config().set(moe=MoE.default_config().set(num_experts=E), **kw).instantiate()
+
+
+def test_modifier_turns_every_feed_forward_into_moe_keeping_its_dims():
+    cfg = moe_modifier()(small_decoder())
+    assert not find_configs(cfg, FeedForward)
+    (path, moe), *others = find_configs(cfg, MoE)
+    assert not others and path == "stack.layer.feed_forward"
+    assert (moe.hidden_dim, moe.activation, moe.num_experts) == (F, FeedForwardActivation.GEGLU, E)
+    model = build_abstract(cfg)
+    assert model.stack.layers.feed_forward.wi_0.get_value().shape == (2, E, D, F)  # 2 scanned layers.
+
+
+def test_modifier_every_other_layer_gives_a_dense_moe_pattern():
+    cfg = moe_modifier(every=2)(small_decoder(num_layers=4))
+    assert isinstance(cfg.stack, PatternStack.Config) and cfg.stack.num_layers == 4
+    assert [type(c.feed_forward) for c in cfg.stack.pattern] == [FeedForward.Config, MoE.Config]
+    model = build_abstract(cfg)
+    assert [type(layer.feed_forward).__name__ for layer in model.stack.layers] == ["FeedForward", "MoE"] * 2
+
+
+def test_modifier_every_other_layer_tiles_an_existing_local_global_pattern():
+    local_global = GlobalLocalModifier.default_config().set(local_layers=2, sliding_window=4).instantiate()
+    cfg = moe_modifier(every=2)(local_global(small_decoder(num_layers=6)))
+    # Pattern local, local, global tiled to lcm(3, 2) = 6 layers, MoE in every second one.
+    assert [c.self_attention.sliding_window for c in cfg.stack.pattern] == [4, 4, None] * 2
+    assert [type(c.feed_forward) for c in cfg.stack.pattern] == [FeedForward.Config, MoE.Config] * 3
+
+
+def test_modifier_every_below_one_is_refused():
+    with pytest.raises(ValueError, match="every=0 must be >= 1"):
+        moe_modifier(every=0)(small_decoder())
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_aux_losses_reach_the_decoder_at_their_exact_paths(every):
+    model = moe_modifier(every=every)(small_decoder()).instantiate(rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.arange(12).reshape(2, 6) % 31 + 1)
+    losses = nnx.jit(lambda m, b: capture_aux(lambda m, b: m(b), m, b).losses)(
+        model, {"input_ids": ids, "target_ids": ids}
+    )
+    prefix = "stack/layers/feed_forward" if every == 1 else "stack/layers/1/feed_forward"
+    assert set(losses) == {f"{prefix}/load_balance_loss", f"{prefix}/router_z_loss"}
+    assert all(float(v) > 0 for v in losses.values())

@@ -29,11 +29,17 @@ import jax.numpy as jnp
 
 from axmini.config import (
     REQUIRED,
+    ConfigBase,
+    ConfigModifier,
+    Configurable,
     FunctionConfigBase,
     Required,
+    map_configs,
     maybe_instantiate,
+    replace_config,
 )
-from axmini.layers.feed_forward import FeedForwardActivation
+from axmini.layers.feed_forward import FeedForward, FeedForwardActivation
+from axmini.layers.transformer import PatternStack, RepeatedStack, is_stack_config
 from axmini.module import Layer, shard_activation
 
 Array = jax.Array
@@ -76,10 +82,10 @@ class RouterScore(enum.Enum):
     SIGMOID = "sigmoid"  # Per expert, independent of the others.
 
 
-class BaseGating(Layer):
+class BaseGating(Configurable, nnx.Module):
     """Maps router logits [G, S, E] (float32) to a `Routing`. No parameters: the router is the MoE's."""
 
-    class Config(Layer.Config):
+    class Config(Configurable.Config):
         num_experts: Required[int] = REQUIRED  # Filled by the MoE layer.
 
     def __call__(self, logits: Array, *, deterministic: bool) -> Routing:
@@ -112,8 +118,8 @@ class TopKGating(BaseGating):
         train_capacity_factor: float | None = 2.0
         eval_capacity_factor: float | None = 2.0
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
         cfg = self.config
         if not 1 <= cfg.top_k <= cfg.num_experts:
             raise ValueError(
@@ -171,8 +177,8 @@ class ExpertChoiceGating(BaseGating):
         train_capacity_factor: float = 2.0
         eval_capacity_factor: float = 2.0
 
-    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
-        super().__init__(cfg, rngs=rngs)
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
         cfg = self.config
         for name in ("train_capacity_factor", "eval_capacity_factor"):
             if getattr(cfg, name) <= 0:
@@ -262,7 +268,7 @@ class MoE(Layer):
         else:
             self.wi = self.param(shape_in, axes=axes_in, rngs=rngs, fan_in_axes=(1,))
         self.wo = self.param((num_experts, self.hidden_dim, dim), axes=("expert", "mlp", "embed"), rngs=rngs)
-        self.gating = cfg.gating.clone(num_experts=num_experts).instantiate(rngs=rngs)
+        self.gating = cfg.gating.clone(num_experts=num_experts).instantiate()
         self.deterministic = False
 
     def __call__(self, x: Array) -> Array:
@@ -333,3 +339,45 @@ class MoE(Layer):
         self.add_summary("dropped_token_fraction", jnp.mean(~routing.kept.any(axis=-1)))
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         self.add_summary("router_entropy", -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The feature patch.
+
+
+class MoEModifier(ConfigModifier):
+    """Turns dense FeedForward slots into MoE, in any config tree, keeping each slot's input_dim,
+    hidden_dim, activation and param_dtype.
+
+    `every=1` converts every FeedForward. `every=n > 1` converts the feed-forward of every n-th layer
+    of each stack (layers n-1, 2n-1, ...: "dense, MoE, dense, MoE" for n=2): a stack with one layer
+    config becomes a `PatternStack` of period n, and a pattern of length p is tiled to lcm(p, n).
+    """
+
+    class Config(ConfigModifier.Config):
+        moe: MoE.Config = MoE.default_config()
+        every: int = 1
+
+    _KEPT_FIELDS = ("input_dim", "hidden_dim", "activation", "param_dtype")
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        every = self.config.every
+        if every < 1:
+            raise ValueError(f"{self.config._path or 'MoEModifier'}.every={every} must be >= 1 (1 = every layer)")
+        if every == 1:
+            return self._to_moe(cfg)
+        return map_configs(cfg, is_stack_config, self._interleave)
+
+    def _to_moe(self, cfg: ConfigBase) -> ConfigBase:
+        return replace_config(cfg, target=FeedForward, new=self.config.moe, keep_fields=self._KEPT_FIELDS)
+
+    def _interleave(self, stack: ConfigBase) -> ConfigBase:
+        every = self.config.every
+        layers = [stack.layer] if isinstance(stack, RepeatedStack.Config) else list(stack.pattern)
+        period = math.lcm(len(layers), every)
+        pattern = [layers[i % len(layers)].clone() for i in range(period)]
+        pattern = [self._to_moe(c) if (i + 1) % every == 0 else c for i, c in enumerate(pattern)]
+        result = PatternStack.default_config()
+        for name in set(result.field_names()) & set(stack.field_names()) - {"klass", "pattern"}:
+            setattr(result, name, getattr(stack, name))
+        return result.set(pattern=pattern)
