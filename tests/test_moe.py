@@ -114,6 +114,12 @@ def call(model, x):
     return model(x)
 
 
+@nnx.jit
+def captured(model, x):
+    """(output, aux losses, summaries) of a jitted call (eager op-by-op compiles dominate CPU test time)."""
+    return capture_aux(call, model, x)
+
+
 def model_forward_and_grads(model: MoE, x: jax.Array, cotangent: jax.Array):
     graphdef, state = nnx.split(model)
 
@@ -178,7 +184,7 @@ def test_one_expert_top1_dropless_equals_dense_ffn(dispatch, activation):
         dense = ((a / (1 + np.exp(-a))) * (x @ p["wi_1"][0])) @ p["wo"][0]
     else:
         dense = gelu(x @ p["wi"][0]) @ p["wo"][0]
-    np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))), dense, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(nnx.jit(call)(model, jnp.asarray(x))), dense, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,9 +192,8 @@ def test_one_expert_top1_dropless_equals_dense_ffn(dispatch, activation):
 
 
 def gate(cfg, logits, *, deterministic=False):
-    return cfg.clone(num_experts=logits.shape[-1]).instantiate()(
-        jnp.asarray(logits, jnp.float32), deterministic=deterministic
-    )
+    gating = cfg.clone(num_experts=logits.shape[-1]).instantiate()
+    return jax.jit(lambda z: gating(z, deterministic=deterministic))(jnp.asarray(logits, jnp.float32))
 
 
 def test_tokens_past_capacity_are_dropped_in_priority_order():
@@ -237,7 +242,7 @@ def test_dropless_drops_nothing_even_when_all_tokens_pick_one_expert():
     )
     routing = gate(model.config.gating, logits)
     assert np.asarray(routing.kept[..., 0]).all()
-    summaries = capture_aux(call, model, jnp.ones((2, 16, D))).summaries
+    summaries = captured(model, jnp.ones((2, 16, D))).summaries
     assert float(summaries["dropped_token_fraction"]) == 0.0
 
 
@@ -246,7 +251,7 @@ def test_dropped_token_fraction_summary_counts_tokens_no_expert_processed():
         rngs=nnx.Rngs(0)
     )
     x = jax.random.normal(jax.random.key(0), (2, 8, D))
-    summaries = capture_aux(call, model, x).summaries
+    summaries = captured(model, x).summaries
     logits = np.einsum("gsd,de->gse", np.asarray(x), params_of(model)["router"])
     processed = {(g, s) for g, kept in enumerate(reference_routing(logits, model.config.gating)) for s, _, _ in kept}
     np.testing.assert_allclose(float(summaries["dropped_token_fraction"]), 1 - len(processed) / 16, rtol=1e-6)
@@ -257,9 +262,9 @@ def test_eval_mode_uses_eval_capacity_factor():
     gating = TopKGating.default_config().set(top_k=1, train_capacity_factor=0.5, eval_capacity_factor=None)
     model = moe_config(gating).instantiate(rngs=nnx.Rngs(0))
     x = jnp.ones((1, 8, D))  # Identical tokens: all pick one expert, so only capacity decides the drops.
-    assert float(capture_aux(call, model, x).summaries["dropped_token_fraction"]) == pytest.approx(1 - 1 / 8)
+    assert float(captured(model, x).summaries["dropped_token_fraction"]) == pytest.approx(1 - 1 / 8)
     model.eval()
-    assert float(capture_aux(call, model, x).summaries["dropped_token_fraction"]) == 0.0
+    assert float(captured(model, x).summaries["dropped_token_fraction"]) == 0.0
 
 
 @pytest.mark.parametrize("factor", [1.0, 2.0, 0.3])
@@ -307,7 +312,7 @@ def test_aux_losses_match_formulas_at_their_exact_paths():
     cfg = moe_config().set(load_balance_loss_weight=0.3, router_z_loss_weight=0.7)
     parent = Parent(cfg, nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 8, D))
-    _, losses, summaries = capture_aux(call, parent, x)
+    _, losses, summaries = captured(parent, x)
     assert set(losses) == {"feed_forward/load_balance_loss", "feed_forward/router_z_loss"}
     logits = np.einsum("gsd,de->gse", np.asarray(x), np.asarray(parent.feed_forward.router[...]))
     z = np.log(np.exp(logits).sum(-1))
@@ -331,7 +336,7 @@ def test_aux_losses_reach_the_gradient_of_the_router():
     def aux_total(state):
         return sum(capture_aux(call, nnx.merge(graphdef, state), x).losses.values())
 
-    grads = jax.grad(aux_total)(state)
+    grads = jax.jit(jax.grad(aux_total))(state)
     assert float(jnp.abs(grads["router"].get_value()).sum()) > 0
     assert float(jnp.abs(grads["wo"].get_value()).sum()) == 0
 
