@@ -107,7 +107,9 @@ class TopKGating(BaseGating):
 
     Capacity per group of S tokens is C = ceil(k * S * capacity_factor / E) (at most S); a capacity
     factor of None is dropless. Pairs past capacity are dropped in priority order: all tokens' first
-    choices before any second choice, and within one rank, earlier tokens first.
+    choices before any second choice, and within one rank, earlier tokens first. Since capacity is
+    shared by the tokens of a sequence, decoding (a few tokens per call) routes like the full forward
+    only when dropless.
     """
 
     class Config(BaseGating.Config):
