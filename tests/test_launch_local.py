@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from axmini.launch import launcher
@@ -194,3 +195,47 @@ def test_process_id_from_slice_and_host_ids() -> None:
     env = {"AXMINI_NUM_SLICES": "2", "AXMINI_SLICE_ID": "1", "AXMINI_HOST_ID": "1"}
     assert process_id_from_env(env, 4) == 3  # slice 1 starts at process 2
     assert process_id_from_env({"AXMINI_PROCESS_ID": "5"}, 8) == 5
+
+
+# The end-to-end check of `launch local`; the slowest test here (3 trainer processes, about 30 s of CPU each).
+TRAIN_ARGS = ["--config=tiny", "--set=max_step=2", "--set=log_every_n_steps=1", "--set=evaluator.input=None"]
+TRAIN_ARGS += ["--set=progress_bar=False", "--sample_prompt="]
+
+
+class LossMismatchError(AssertionError):
+    """The 2-process losses differ from the 1-process ones (the known input-sharding issue, see below)."""
+
+
+def _train_losses(trainer_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (trainer_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train/loss"] for r in records if "train/loss" in r]
+
+
+@pytest.mark.xfail(
+    raises=LossMismatchError,
+    strict=True,
+    reason="axmini.trainer.input reads one seqio shard per process (ShardInfo(process_index, process_count)), so "
+    "the global batch depends on the process count; drop this mark once the input is process-count independent",
+)
+def test_train_on_2_processes_x_4_devices_matches_1_process_x_8_devices(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), AXMINI_LOCAL_DEVICES="8")
+    single_run = [
+        sys.executable,
+        "-m",
+        "axmini.launch.cli",
+        "train",
+        *TRAIN_ARGS,
+        f"--trainer_dir={tmp_path / 'single'}",
+    ]
+    assert subprocess.run(single_run, env=env, timeout=500).returncode == 0  # a plain process with 8 devices
+    argv = ["local", "--num_processes=2", "--devices_per_process=4", "--timeout_s=500", "--"]
+    code = launcher.main([*argv, *TRAIN_ARGS, f"--trainer_dir={tmp_path / 'multi'}"])
+    out = capfd.readouterr().out
+    assert code == 0, out
+    assert "[p0] axmini train: experiment 'tiny'" in out and "'fsdp': 8" in out  # one mesh over both processes
+    single, multi = _train_losses(tmp_path / "single"), _train_losses(tmp_path / "multi")
+    assert len(single) == len(multi) == 2 and np.all(np.isfinite(multi))
+    if not np.allclose(multi, single, rtol=1e-5, atol=0):
+        raise LossMismatchError(f"2 x 4 devices: losses {multi}; 1 x 8 devices: {single}")
