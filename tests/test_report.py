@@ -141,3 +141,23 @@ def test_bad_input_is_one_line_and_exit_status_2(
     assert status == 2
     assert err.count("\n") == 1 and err.startswith("axmini report modularity: error: ") and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_readme_table_is_regenerated_between_markers_and_missing_markers_are_refused(
+    tmp_path: Path, toy_features: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n{report.README_BEGIN}\nstale table\n{report.README_END}\nafter\n")
+    status, err = _run(
+        ["--out", str(tmp_path / "out"), "--features", "rope", "--readme", str(readme), "--no-progress"], capsys
+    )
+    assert status == 0, err
+    text = readme.read_text()
+    assert "stale table" not in text and text.startswith("# title\n") and text.endswith(f"{report.README_END}\nafter\n")
+    assert "| `rope` | 1 | O(1)" in text
+
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers\n")
+    status, err = _run(["--out", str(tmp_path / "out2"), "--readme", str(plain), "--no-progress"], capsys)
+    assert status == 2 and "has no '<!-- modularity-table:begin" in err and err.count("\n") == 1
+    assert plain.read_text() == "no markers\n" and not (tmp_path / "out2").exists()

@@ -511,6 +511,42 @@ def write_report(result: ModularityResult, out: str | Path) -> dict[str, Path]:
     return {**paths, **images}
 
 
+README_BEGIN = "<!-- modularity-table:begin (written by axmini report modularity --readme) -->"
+README_END = "<!-- modularity-table:end -->"
+
+
+def readme_table(result: ModularityResult) -> str:
+    """The per-feature summary a README shows: what a user writes, and how each side grows."""
+    rows = []
+    for sweep in result.sweeps:
+        if sweep.family != result.baseline_family:
+            continue
+        last, baseline = sweep.points[-1], result.baselines.get(sweep.feature)
+        rows.append(
+            [f"`{sweep.feature}`", last.user_lines, sweep.complexity("user_lines").describe()]
+            + [sweep.complexity("paths_changed").describe(), last.paths_changed]
+            + [patches.baseline_complexity(baseline).describe() if baseline else "-"]
+        )
+    header = ["feature", "lines written", "lines written grow as", "config paths changed grow as"]
+    header += [f"paths changed ({result.baseline_family})", "copy-per-class baseline grows as"]
+    return render_markdown([_table(header, rows)])
+
+
+def _readme_parts(path: Path) -> tuple[str, str]:
+    """The README text before and after its modularity table; refused when the markers are missing."""
+    text = path.read_text() if path.is_file() else ""
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise _UsageError(f"{path} has no '{README_BEGIN}' ... '{README_END}' block to update")
+    return text[: begin + len(README_BEGIN)], text[end:]
+
+
+def update_readme(path: Path, table: str) -> None:
+    """Replaces the text between the README's modularity markers with `table`."""
+    before, after = _readme_parts(path)
+    path.write_text(f"{before}\n{table.strip()}\n{after}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Command line.
 
@@ -562,6 +598,7 @@ def _parser() -> argparse.ArgumentParser:
         default=80.0,
         help="wall-time seconds of the patch-mode sweeps after which no more checks start (default 80; inf: all)",
     )
+    parser.add_argument("--readme", type=Path, help="also rewrite the feature table between this file's markers")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -574,6 +611,8 @@ def main_modularity(argv: list[str] | None = None) -> int:
         if (args.repo is None) != (args.commits is None):
             raise _UsageError("--repo and --commits go together (history mode needs both)")
         names = [n.strip() for n in args.features.split(",") if n.strip()] if args.features else None
+        if args.readme is not None:
+            _readme_parts(args.readme)  # Refuse a README without markers before the long run.
         result = run_modularity(
             repo=args.repo,
             commits=args.commits,
@@ -588,6 +627,9 @@ def main_modularity(argv: list[str] | None = None) -> int:
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     paths = write_report(result, args.out)
+    if args.readme is not None:
+        update_readme(args.readme, readme_table(result))
+        paths["readme"] = args.readme
     print(f"{prog}: wrote {', '.join(str(p) for p in paths.values())} in {result.seconds:.1f} s")
     return 0
 
