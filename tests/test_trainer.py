@@ -223,6 +223,12 @@ def test_build_time_refusals_name_the_field(tmp_path):
         toy_trainer(
             tmp_path, input=SyntheticInput.default_config().set(vocab_size=40, global_batch_size=8, sequence_length=4)
         ).instantiate()
+    bad_eval = toy_trainer(tmp_path)
+    bad_eval.evaluator.input = SyntheticInput.default_config().set(
+        vocab_size=32, global_batch_size=4, sequence_length=4
+    )
+    with pytest.raises(ValueError, match=r"evaluator.input.global_batch_size=4 must be a multiple of 8"):
+        bad_eval.instantiate()
     with pytest.raises(Exception, match=r"required field.*dir"):
         toy_trainer(tmp_path).set(dir=REQUIRED).instantiate()
     assert not (tmp_path / "checkpoints").exists()

@@ -116,9 +116,10 @@ def prepare_train(args: argparse.Namespace) -> Runner:
         if result.preempted:
             print(f"axmini train: stopped by SIGTERM at step {result.step}; checkpoint saved", file=sys.stderr)
             return 128 + signal.SIGTERM
-        if jax.process_index() == 0 and args.sample_prompt and trainer.input.vocabulary() is not None:
+        if args.sample_prompt and trainer.input.vocabulary() is not None:  # Every process runs the sharded model.
             text = _sample(trainer, result.state, args.sample_prompt, max_new_tokens=64, temperature=0.7, seed=0)
-            print(f"sample (temperature 0.7, top-k 40, seed 0): {text}")
+            if jax.process_index() == 0:
+                print(f"sample (temperature 0.7, top-k 40, seed 0): {text}")
         return 0
 
     return run
@@ -137,9 +138,11 @@ def _print_result(result: Any) -> None:
 
 def _sample(trainer: Any, state: Any, prompt: str, *, max_new_tokens: int, temperature: float, seed: int) -> str:
     """`prompt` continued by the model of `state`, decoded with the input's vocabulary. Every sequence starts with
-    id 0, as in training (seqio shifts the targets right behind a 0)."""
+    id 0, as in training (seqio shifts the targets right behind a 0). Every process must call it (the model is
+    sharded over all of them)."""
     import jax
     import jax.numpy as jnp
+    from jax.experimental import multihost_utils
 
     from axmini.layers.decoding import generate
 
@@ -154,7 +157,8 @@ def _sample(trainer: Any, state: Any, prompt: str, *, max_new_tokens: int, tempe
         stop_ids=(vocabulary.eos_id,),
         rng=jax.random.key(seed),
     )
-    new_ids = [int(t) for t in jax.device_get(out.tokens[0, : int(out.lengths[0])]) if t != vocabulary.eos_id]
+    tokens, lengths = multihost_utils.process_allgather((out.tokens, out.lengths), tiled=True)
+    new_ids = [int(t) for t in tokens[0, : int(lengths[0])] if t != vocabulary.eos_id]
     return vocabulary.decode(prompt_ids + new_ids)
 
 
@@ -178,6 +182,8 @@ def prepare_sample(args: argparse.Namespace) -> Runner:
         raise UsageError(f"--trainer_dir={args.trainer_dir} has no checkpoint yet")
 
     def run() -> int:
+        import jax
+
         state = trainer.restore_or_init(checkpointer)
         for i in range(args.num_samples):
             text = _sample(
@@ -188,7 +194,8 @@ def prepare_sample(args: argparse.Namespace) -> Runner:
                 temperature=args.temperature,
                 seed=args.seed + i,
             )
-            print(text)
+            if jax.process_index() == 0:
+                print(text)
         return 0
 
     return run

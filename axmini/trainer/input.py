@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -29,6 +30,7 @@ Batch = dict[str, np.ndarray]
 
 
 def _seqio() -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter (CUDA probing...).
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # The input pipeline must not take accelerator memory.

@@ -115,7 +115,9 @@ class Trainer(Configurable):
         cfg = self._fill_children(self._apply_mesh_rule(cfg))
         super().__init__(cfg)
         cfg = self.config
-        self.mesh = make_mesh(self.mesh_rule, devices)
+        devices = list(devices if devices is not None else jax.devices())
+        num_slices = len({getattr(d, "slice_index", 0) for d in devices})  # TPU multi-slice: data spans slices.
+        self.mesh = make_mesh(self.mesh_rule, devices, num_slices)
         self.rules = tuple(tuple(rule) for rule in self.mesh_rule.logical_axis_rules)
         self._check(cfg)
         self.input: Input = cfg.input.instantiate()
@@ -163,11 +165,18 @@ class Trainer(Configurable):
         spec = logical_to_spec(BATCH_AXES, self.rules)
         batch_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
         shards = math.prod(self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape)
+        where = f"batch shards (mesh {dict(self.mesh.shape)}, mesh rule {self.mesh_rule.pattern!r})"
         batch = cfg.input.global_batch_size
         if batch % (shards * cfg.microbatches):
             raise ValueError(
                 f"input.global_batch_size={batch} must be a multiple of microbatches={cfg.microbatches} x "
-                f"{shards} batch shards (mesh {dict(self.mesh.shape)}, mesh rule {self.mesh_rule.pattern!r})"
+                f"{shards} {where}"
+            )
+        eval_input = cfg.evaluator.input
+        if eval_input is not None and eval_input.global_batch_size % shards:
+            raise ValueError(
+                f"evaluator.input.global_batch_size={eval_input.global_batch_size} must be a multiple of {shards} "
+                f"{where}"
             )
 
     def _check_vocab(self, cfg: Config) -> None:
