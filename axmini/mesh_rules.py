@@ -25,7 +25,8 @@ from axmini.config import ConfigBase, ConfigModifier
 
 MESH_AXES = ("data", "fsdp", "expert", "seq", "model")
 
-# Parameters: embed over fsdp (ZeRO-3 style), heads/mlp/vocab over model (tensor parallel), experts over expert.
+# Parameters: embed over fsdp (ZeRO-3 style), heads/mlp/vocab over model (tensor parallel), experts over expert,
+# Parallel-Track MoE tracks over model (a track's weights and activations stay on its devices).
 # Activations: batch over every data-parallel axis; the first dim to claim a mesh axis gets it.
 DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp", "expert")),
@@ -36,6 +37,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "model"),
     ("vocab", "model"),
     ("expert", "expert"),
+    ("track", "model"),
     ("head_dim", None),
     ("layers", None),
 )
