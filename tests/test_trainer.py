@@ -79,15 +79,21 @@ def test_resume_matches_uninterrupted(tmp_path, docs_task):
 
 
 def test_sharded_matches_single_device(tmp_path):
-    one = decoder_trainer(tmp_path / "one", 3, mesh_shape={"fsdp": -1}).instantiate(devices=jax.devices()[:1])
+    one = decoder_trainer(tmp_path / "one", 4, mesh_shape={"fsdp": -1}).instantiate(devices=jax.devices()[:1])
     many = decoder_trainer(tmp_path / "many", 3, mesh_shape={"fsdp": 4, "model": 2}).instantiate()
     assert one.mesh.size == 1 and dict(many.mesh.shape)["model"] == 2
     a, b = one.run(), many.run()
-    np.testing.assert_allclose(list(a.losses.values()), list(b.losses.values()), rtol=2e-5)
+    np.testing.assert_allclose([a.losses[s] for s in (1, 2, 3)], list(b.losses.values()), rtol=2e-5)
     (wi,) = [v for path, v in jax.tree_util.tree_leaves_with_path(b.state["params"]) if "wi_0" in str(path)]
     # [layers, embed, mlp]: embed over fsdp, mlp over model.
     assert tuple(wi.sharding.spec)[-2:] == ("fsdp", "model") and len(wi.addressable_shards) == 8
     assert wi.addressable_shards[0].data.shape == (1, 32 // 4, 64 // 2)
+
+    # The 8-device checkpoint of step 3 resumes on another mesh: 4 devices, fsdp=2 x model=2.
+    four = decoder_trainer(tmp_path / "many", 4, mesh_shape={"fsdp": 2, "model": 2})
+    c = four.instantiate(devices=jax.devices()[:4]).run()
+    assert list(c.losses) == [4]
+    assert c.losses[4] == pytest.approx(a.losses[4], rel=2e-5)
 
 
 class ToyLM(Layer):
