@@ -84,6 +84,18 @@ def test_half_written_checkpoint_is_never_picked_up(tmp_path):
     assert reopened.restore_latest(abstract_on(m)).step == 1
 
 
+def test_a_read_only_checkpointer_leaves_a_running_save_alone(tmp_path):
+    m = mesh((4, 2), ("fsdp", "model"), jax.devices())
+    ckpt = checkpointer(tmp_path)
+    ckpt.save(1, state_on(m), force=True)
+    ckpt.close()
+    in_progress = tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-1700000000"  # A trainer's save, not committed yet.
+    (in_progress / "state").mkdir(parents=True)
+    reader = Checkpointer.default_config().set(dir=str(tmp_path / "ckpt")).instantiate(read_only=True)
+    assert reader.restore_latest(abstract_on(m)).step == 1
+    assert in_progress.exists()
+
+
 def corrupt(step_dir):
     files = [p for p in (step_dir / "state").rglob("*") if p.is_file()]
     assert files

@@ -76,6 +76,15 @@ def test_an_existing_run_is_left_untouched_by_a_bad_invocation(tmp_path, capsys)
     assert snapshot(run) == before
 
 
+def test_sample_without_a_checkpoint_fails_and_writes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text('{"config": "tiny", "overrides": []}\n')
+    before = snapshot(run)
+    fails_in_one_line(capsys, ["sample", f"--trainer_dir={run}", "--prompt=x"], "has no checkpoint yet")
+    assert snapshot(run) == before
+
+
 def test_usage_errors_are_one_line(capsys):
     fails_in_one_line(capsys, ["train"], "--config")
     fails_in_one_line(capsys, ["bogus"], "invalid choice")

@@ -177,7 +177,9 @@ def prepare_sample(args: argparse.Namespace) -> Runner:
     trainer = cfg.instantiate()
     if trainer.input.vocabulary() is None:
         raise UsageError(f"experiment {run_record['config']!r} has synthetic input: no vocabulary to decode with")
-    checkpointer = trainer.config.checkpointer.instantiate()
+    if not Path(trainer.config.checkpointer.dir).is_dir():
+        raise UsageError(f"--trainer_dir={args.trainer_dir} has no checkpoint yet")
+    checkpointer = trainer.config.checkpointer.instantiate(read_only=True)  # A trainer may be writing beside us.
     if not checkpointer.all_steps():
         raise UsageError(f"--trainer_dir={args.trainer_dir} has no checkpoint yet")
 

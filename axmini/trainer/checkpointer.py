@@ -43,7 +43,8 @@ class Checkpointer(Configurable):
         keep_last_n: int = 3
         async_save: bool = True
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, *, read_only: bool = False):
+        """`read_only`: for readers beside a running trainer (sampling): nothing is created, cleaned or saved."""
         super().__init__(cfg)
         cfg = self.config
         path = getattr(cfg, "_path", "") or "checkpointer"
@@ -55,7 +56,9 @@ class Checkpointer(Configurable):
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last_n,
             enable_async_checkpointing=cfg.async_save,
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,  # Leftovers of a crashed save; a reader must not touch them.
+            create=not read_only,
+            read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(epath.Path(cfg.dir), options=options)
 

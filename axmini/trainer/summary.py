@@ -82,7 +82,12 @@ class ProgressBar:
         from tqdm import tqdm
 
         self._bar = tqdm(
-            initial=start, total=total, unit="step", dynamic_ncols=True, disable=not enabled or jax.process_index()
+            initial=start,
+            total=total,
+            unit="step",
+            dynamic_ncols=True,
+            mininterval=0.5,
+            disable=not enabled or jax.process_index() != 0,
         )
 
     def update(self, step: int, loss: float, tokens_per_second: float) -> None:
