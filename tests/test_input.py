@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from axmini.trainer import corpus
-from axmini.trainer.input import SeqioInput, SyntheticInput, register_text_task
+from axmini.trainer.input import InputSharding, SeqioInput, SyntheticInput, register_text_task
 
 SEQIO_TEST_VOCAB = pathlib.Path(__import__("seqio").__file__).parent / "test_data/sentencepiece/sentencepiece.model"
 LENGTH = 16
@@ -94,11 +94,22 @@ def test_processes_read_disjoint_shards_that_cover_the_data(task, monkeypatch):
     shards = []
     for index in range(2):
         monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-        data = make_input()
+        data = make_input(sharding=InputSharding.PER_PROCESS)
         assert data.local_batch_size == 2
         shards.append(segments(data.batches()))
     assert shards[0] and shards[1]
     assert shards[0] + shards[1] == task  # Together exactly the data: nothing lost, nothing read twice.
+
+
+def test_processes_keep_their_rows_of_the_same_global_batch_by_default(epoch, monkeypatch):
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    for index in range(2):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        local = list(make_input().batches())
+        assert len(local) == len(epoch)
+        for whole, part in zip(epoch, local):
+            for key in whole:
+                np.testing.assert_array_equal(part[key], whole[key][2 * index : 2 * index + 2])
 
 
 def test_repeating_input_runs_past_one_epoch(epoch):

@@ -211,12 +211,6 @@ def _train_losses(trainer_dir: Path) -> list[float]:
     return [r["train/loss"] for r in records if "train/loss" in r]
 
 
-@pytest.mark.xfail(
-    raises=LossMismatchError,
-    strict=True,
-    reason="axmini.trainer.input reads one seqio shard per process (ShardInfo(process_index, process_count)), so "
-    "the global batch depends on the process count; drop this mark once the input is process-count independent",
-)
 def test_train_on_2_processes_x_4_devices_matches_1_process_x_8_devices(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:

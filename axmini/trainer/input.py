@@ -2,8 +2,11 @@
 
 An input yields *process-local* numpy batches with the decoder's keys: `input_ids`, `target_ids`,
 `target_weights`, `segment_ids` (0 = padding) and `positions`, each [global_batch_size / process_count,
-sequence_length]. Batches are indexed by step: `batches(start_step=k)` yields the batches of steps
-k, k+1, ... exactly as an uninterrupted run would, so the data position of a checkpoint is its step.
+sequence_length]. How a process gets its rows is `InputSharding`: by default every process reads the same
+global batch and keeps its rows, so a run is the same on 1 process x 8 devices and on 2 x 4 (the experiment
+does not depend on the hardware); on pods, `PER_PROCESS` has each process read only its shard of the data.
+Batches are indexed by step: `batches(start_step=k)` yields the batches of steps k, k+1, ... exactly as an
+uninterrupted run would, so the data position of a checkpoint is its step.
 
 `SeqioInput` reads any registered seqio task or mixture (the default is `axmini_corpus`, built from the
 embedded corpus on first use). `import seqio` loads TensorFlow (about 5 s), so it is imported lazily.
@@ -12,6 +15,7 @@ embedded corpus on first use). `import seqio` loads TensorFlow (about 5 s), so i
 from __future__ import annotations
 
 import difflib
+import enum
 import importlib
 import os
 from collections.abc import Iterator, Mapping
@@ -39,12 +43,23 @@ def _seqio() -> Any:
     return seqio
 
 
+class InputSharding(enum.Enum):
+    """How each process gets its rows of the global batch."""
+
+    # Every process builds the global batch and keeps rows [i * b, (i + 1) * b): results independent of the
+    # process count, at the cost of every process doing the whole input work.
+    GLOBAL_BATCH_SLICE = "global_batch_slice"
+    # Each process reads only its shard of the examples: scales with hosts; batches depend on the process count.
+    PER_PROCESS = "per_process"
+
+
 class Input(Configurable):
     """Base of inputs: step-indexed, process-local batches of `global_batch_size` x `sequence_length`."""
 
     class Config(Configurable.Config):
         global_batch_size: Required[int] = REQUIRED
         sequence_length: Required[int] = REQUIRED
+        sharding: InputSharding = InputSharding.GLOBAL_BATCH_SLICE
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -64,6 +79,19 @@ class Input(Configurable):
     @property
     def local_batch_size(self) -> int:
         return self.config.global_batch_size // jax.process_count()
+
+    def _read_shard(self) -> tuple[int, int, int]:
+        """(shard index, shard count, rows read per step) of this process under the config's sharding."""
+        if self.config.sharding is InputSharding.PER_PROCESS:
+            return jax.process_index(), jax.process_count(), self.local_batch_size
+        return 0, 1, self.config.global_batch_size
+
+    def _local_rows(self, batch: Batch) -> Batch:
+        """This process's rows of a batch read under `_read_shard`."""
+        if self.config.sharding is InputSharding.PER_PROCESS:
+            return batch
+        start = jax.process_index() * self.local_batch_size
+        return {key: value[start : start + self.local_batch_size] for key, value in batch.items()}
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         """The batches of steps start_step, start_step + 1, ... (finite for a finite number of epochs)."""
@@ -87,18 +115,21 @@ class SyntheticInput(Input):
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         cfg = self.config
-        shape = (self.local_batch_size, cfg.sequence_length)
+        shard, _, rows = self._read_shard()
+        shape = (rows, cfg.sequence_length)
         step = start_step
         while True:
-            rng = np.random.default_rng([cfg.seed, step, jax.process_index()])
+            rng = np.random.default_rng([cfg.seed, step, shard])
             tokens = rng.integers(1, cfg.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
-            yield {
-                "input_ids": tokens[:, :-1],
-                "target_ids": tokens[:, 1:],
-                "target_weights": np.ones(shape, np.float32),
-                "segment_ids": np.ones(shape, np.int32),
-                "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
-            }
+            yield self._local_rows(
+                {
+                    "input_ids": tokens[:, :-1],
+                    "target_ids": tokens[:, 1:],
+                    "target_weights": np.ones(shape, np.float32),
+                    "segment_ids": np.ones(shape, np.int32),
+                    "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+                }
+            )
             step += 1
 
     def vocab_size(self) -> int:
@@ -205,7 +236,7 @@ def _pad_rows(batch: Batch, rows: int) -> Batch:
 class SeqioInput(Input):
     """A seqio task or mixture, tokenized, packed to `sequence_length` with segment ids, and batched.
 
-    Shuffling is deterministic (by `seed`); each process reads its own shard of the examples. With
+    Shuffling is deterministic (by `seed`); each process's rows follow `sharding`. With
     `num_epochs=None` the data repeats forever (training); with a number, the last batch is padded.
     """
 
@@ -240,13 +271,13 @@ class SeqioInput(Input):
             dataset_split=cfg.split,
             shuffle=cfg.shuffle,
             num_epochs=cfg.num_epochs,
-            shard_info=seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count()),
+            shard_info=seqio.ShardInfo(*self._read_shard()[:2]),
             seed=cfg.seed,
             verbose=False,
         )
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
-        rows = self.local_batch_size
+        rows = self._read_shard()[2]
         dataset = self.dataset().batch(rows).skip(start_step)
         for features in dataset.as_numpy_iterator():
-            yield _pad_rows(_lm_batch(features), rows)
+            yield self._local_rows(_pad_rows(_lm_batch(features), rows))
