@@ -18,15 +18,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+from timing import time_call
 
 from axmini.layers.attention import Attention, AttentionKernel
 from axmini.layers.position import RoPEModifier
@@ -36,16 +34,6 @@ def layer(args: argparse.Namespace, **fields: Any) -> Attention:
     cfg = Attention.default_config().set(input_dim=args.dim, num_heads=args.heads, head_dim=args.head_dim)
     cfg = RoPEModifier.default_config().instantiate()(cfg.set(**fields))
     return cfg.instantiate(rngs=nnx.Rngs(0))
-
-
-def time_call(fn: Callable[[], Any], reps: int) -> float:
-    """Median seconds of `reps` calls (each blocked on its result)."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def peak_bytes(compiled: Any) -> int:

@@ -21,29 +21,17 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+from timing import time_call
 
 from axmini.config import Configurable
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.moe import MoE, MoEDispatch, TopKGating
-
-
-def time_call(fn: Callable[[], Any], reps: int) -> float:
-    """Median seconds of `reps` calls (each blocked on its result)."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def configs(args: argparse.Namespace) -> dict[str, Configurable.Config]:

@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import time_call
 
 from axmini.layers.attention import Attention, KVCache
 from axmini.layers.linear_attention import LinearState
@@ -54,16 +54,6 @@ def peak_bytes(compiled: Any) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def time_call(fn: Callable[[], Any], reps: int) -> float:
-    """The fastest of `reps` calls, in seconds (each blocked on its result)."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def bench_train(kind: str, length: int, args: argparse.Namespace) -> dict[str, Any]:
     layer = layer_config(kind, args).instantiate(rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(layer)
@@ -81,7 +71,7 @@ def bench_train(kind: str, length: int, args: argparse.Namespace) -> dict[str, A
         result["step_s"] = None
     else:
         jax.block_until_ready(compiled(state, x))  # warm-up
-        result["step_s"] = time_call(lambda: compiled(state, x), args.reps)
+        result["step_s"] = time_call(lambda: compiled(state, x), args.reps, reduce=min)
     return result
 
 
@@ -123,7 +113,7 @@ def bench_decode(kind: str, context: int, args: argparse.Namespace) -> dict[str,
     compiled = jax.jit(step).lower(state, x, cache).compile()
     jax.block_until_ready(compiled(state, x, cache))
     cache_bytes = sum(int(a.nbytes) for a in jax.tree.leaves(cache))
-    per_token = time_call(lambda: compiled(state, x, cache), args.decode_reps)
+    per_token = time_call(lambda: compiled(state, x, cache), args.decode_reps, reduce=min)
     return {"kind": kind, "context": context, "cache_bytes": cache_bytes, "step_s": per_token}
 
 
