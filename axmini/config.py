@@ -469,15 +469,9 @@ class FunctionConfigBase(InstantiableConfig):
     def instantiate(self, **kwargs: Any) -> Any:
         self._check_required(kwargs)
         args = {name: value for name, value in self.items() if name != "fn" and value is not REQUIRED}
-        args = {name: _maybe_instantiate(value) for name, value in args.items()}
+        args = {name: maybe_instantiate(value) for name, value in args.items()}
         args.update(kwargs)
         return self.fn(**args)
-
-
-def _maybe_instantiate(value: Any) -> Any:
-    if isinstance(value, InstantiableConfig):
-        return value.instantiate()
-    return value
 
 
 _SIMPLE_TYPES = (int, float, bool, str)
