@@ -52,6 +52,16 @@ def test_saves_every_k_steps_and_keeps_the_last_n(tmp_path):
     ckpt.close()
 
 
+def test_a_relative_dir_is_taken_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    m = mesh((4, 2), ("fsdp", "model"), jax.devices())
+    ckpt = Checkpointer.default_config().set(dir="runs/ckpt", save_every_n_steps=1).instantiate()
+    assert ckpt.save(1, state_on(m))
+    ckpt.wait()
+    assert ckpt.all_steps() == [1] and (tmp_path / "runs" / "ckpt" / "1").is_dir()
+    ckpt.close()
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
     """Saved on 8 devices (fsdp=4 x model=2), restored on 4 (fsdp=2 x model=2) with other specs too."""
     big = mesh((4, 2), ("fsdp", "model"), jax.devices())

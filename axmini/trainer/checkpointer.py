@@ -11,6 +11,7 @@ one before.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, NamedTuple
 
@@ -60,7 +61,9 @@ class Checkpointer(Configurable):
             create=not read_only,
             read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(epath.Path(cfg.dir), options=options)
+        # Orbax needs an absolute path; a relative local dir (`--trainer_dir=runs/x`) is taken from the cwd.
+        self._dir = epath.Path(cfg.dir if "://" in cfg.dir else os.path.abspath(cfg.dir))
+        self._manager = ocp.CheckpointManager(self._dir, options=options)
 
     def all_steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -104,7 +107,7 @@ class Checkpointer(Configurable):
         """Renames an unreadable checkpoint so that a new save at its step does not collide with it."""
         self._manager.wait_until_finished()
         if jax.process_index() == 0:
-            path = epath.Path(self.config.dir) / str(step)
+            path = self._dir / str(step)
             if path.exists():
                 path.rename(path.parent / f"{step}.unreadable-{int(time.time())}")
         if jax.process_count() > 1:
