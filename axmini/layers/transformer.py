@@ -31,6 +31,7 @@ from axmini.layers.attention import (
     BaseQKVProjection,
     QueryOnlyProjection,
     SlidingWindowModifier,
+    _path,
     is_attention_config,
 )
 from axmini.layers.feed_forward import FeedForward
@@ -39,11 +40,6 @@ from axmini.layers.position import RoPEProjection
 from axmini.module import AuxLoss, Layer, Summary
 
 Array = jax.Array
-
-
-def _path(cfg: ConfigBase, field: str) -> str:
-    base = getattr(cfg, "_path", "") or type(cfg).__qualname__.removesuffix(".Config")
-    return f"{base}.{field}"
 
 
 class LayerOutput(NamedTuple):
