@@ -132,7 +132,7 @@ def test_xla_kernel_with_softcap_falls_back_to_reference():
     x, positions = random_x(), arange_positions(2, 7)
     want = build(attention_config(**fields))(x, positions=positions).output
     got = build(attention_config(kernel=AttentionKernel.XLA, **fields))(x, positions=positions).output
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
 def test_fused_projection_matches_separate_weights():
@@ -144,7 +144,9 @@ def test_fused_projection_matches_separate_weights():
     fused.output_linear.weight[...] = separate.output_linear.weight[...]
     x, positions = random_x(), arange_positions(2, 7)
     want = run(separate, x, positions=positions).output
-    np.testing.assert_allclose(np.asarray(run(fused, x, positions=positions).output), np.asarray(want), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(run(fused, x, positions=positions).output), np.asarray(want), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_padding_is_never_attended():
@@ -154,7 +156,7 @@ def test_padding_is_never_attended():
     noisy = np.where(segment_ids[..., None] == 0, 100.0, x)
     out_noisy = run(layer, noisy, positions=positions, segment_ids=segment_ids).output
     real = np.asarray(PACKED) != 0
-    np.testing.assert_allclose(np.asarray(out_noisy)[real], np.asarray(out)[real], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(out_noisy)[real], np.asarray(out)[real], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(out)[~real], 0.0)
 
 
@@ -314,7 +316,7 @@ def test_shared_kv_consumer_reproduces_producer():
     produced = run(producer, x, positions=positions, segment_ids=segment_ids)
     consumed = run(consumer, x, positions=positions, segment_ids=segment_ids, shared_kv=produced.kv)
     assert consumed.cache is None and consumer.init_cache(2, 8) is None
-    np.testing.assert_allclose(np.asarray(consumed.output), np.asarray(produced.output), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(consumed.output), np.asarray(produced.output), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("window", [None, 2])

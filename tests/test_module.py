@@ -70,7 +70,7 @@ def test_embedding_lookup_and_attend_match_numpy():
     layer = Embedding.default_config().set(num_embeddings=11, dim=4).instantiate(rngs=nnx.Rngs(0))
     table = np.asarray(layer.weight[...])
     ids = np.array([[0, 3, 10], [5, 5, 1]])
-    np.testing.assert_allclose(layer(jnp.asarray(ids)), table[ids])
+    np.testing.assert_array_equal(layer(jnp.asarray(ids)), table[ids])  # A gather: exact.
     x = _x((2, 4))
     np.testing.assert_allclose(layer.attend(jnp.asarray(x)), x @ table.T, rtol=1e-5, atol=1e-5)
 
@@ -183,7 +183,7 @@ def test_aux_outputs_are_read_back_by_exact_module_path():
         return capture_aux(twice, nnx.merge(graphdef, state), x)
 
     output, losses, summaries = step(state, jnp.ones(3))
-    np.testing.assert_allclose(output, 2 * np.ones(3))
+    np.testing.assert_array_equal(output, 2 * np.ones(3))  # 1 + 1: exact.
     assert summaries == {"first/mean": 1.0, "second/mean": 2.0}
     assert losses == {"first/penalty": 6.0, "second/penalty": 12.0}
     assert pop_aux(model, AuxLoss) == {}  # nothing left behind in the model

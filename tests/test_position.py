@@ -52,8 +52,8 @@ def test_apply_rope_matches_numpy_reference(fraction, theta):
 def test_partial_rotary_leaves_the_other_dims_unchanged():
     x, positions = _inputs()
     got = np.asarray(rope(x.astype(np.float32), positions, rotary_fraction=0.5))
-    np.testing.assert_allclose(got[..., 4:], x[..., 4:], rtol=1e-6)
-    assert not np.allclose(got[..., :4], x[..., :4])
+    np.testing.assert_array_equal(got[..., 4:], x[..., 4:].astype(np.float32))  # Pass-through dims: copied exactly.
+    assert not np.allclose(got[..., :4], x[..., :4], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5])

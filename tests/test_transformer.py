@@ -104,7 +104,7 @@ def test_stacked_parameters_have_leading_layers_axis():
     assert q.shape[0] == 3 and q.axes[0] == "layers"
     # Each layer is initialized from its own key.
     w = np.asarray(stack.layers.feed_forward.wi_0[...])
-    assert not np.allclose(w[0], w[1])
+    assert not np.allclose(w[0], w[1], rtol=1e-3, atol=1e-3)
 
 
 def _jaxpr_text(fn, module) -> str:
@@ -137,7 +137,7 @@ def test_remat_keeps_outputs_and_gradients(klass, policies):
         stack = build(policy)
         assert "remat" in _jaxpr_text(loss, stack)  # jax.checkpoint's primitive.
         remat_loss, remat_grads = nnx.jit(nnx.value_and_grad(loss))(stack)
-        np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-5)
+        np.testing.assert_allclose(remat_loss, base_loss, rtol=1e-5, atol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), remat_grads, base_grads)
 
 
@@ -308,8 +308,8 @@ def test_scanned_aux_losses_sum_over_layers():
         h = result.output.x
 
     result = capture_aux(_run, stack, x, positions)
-    np.testing.assert_allclose(result.losses["layers/feed_forward/l2"], expected_loss, rtol=1e-5)
-    np.testing.assert_allclose(result.summaries["layers/feed_forward/norm"], expected_norms, rtol=1e-5)
+    np.testing.assert_allclose(result.losses["layers/feed_forward/l2"], expected_loss, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.summaries["layers/feed_forward/norm"], expected_norms, rtol=1e-5, atol=1e-7)
 
 
 def test_attention_is_the_default_self_attention():
