@@ -165,8 +165,8 @@ def test_sum_reduction_adds_the_tracks():
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(num_layers=6, block_depth=4), "num_layers=6 is not a multiple of stack.block_depth=4"),
-        (dict(num_tracks=0), "num_tracks=0 must be >= 1"),
+        (dict(num_layers=6, block_depth=4), "^num_layers=6 is not a multiple of block_depth=4"),
+        (dict(num_tracks=0), "^num_tracks=0 must be positive"),
     ],
 )
 def test_bad_track_config_is_refused(change, message):

@@ -25,21 +25,23 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, Required, config_for_function
+from axmini.config import (
+    REQUIRED,
+    ConfigValueError,
+    Required,
+    check_positive,
+    config_for_function,
+    config_path,
+    fill_child,
+)
 from axmini.layers.attention import Attention, QKVProjection
 from axmini.layers.decoder import Decoder
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.moe import MoE, MoEModifier, TopKGating
 from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPEProjection
-from axmini.layers.transformer import (
-    BaseStack,
-    GlobalLocalModifier,
-    RepeatedStack,
-    StackOutput,
-    TransformerLayer,
-)
-from axmini.module import AuxLoss, Layer, Summary, normal, shard_activation
+from axmini.layers.transformer import BaseStack, GlobalLocalModifier, RepeatedStack, StackOutput, TransformerLayer
+from axmini.module import AuxLoss, Layer, Summary, normal, resow, shard_activation, stack_modules
 
 Array = jax.Array
 
@@ -49,22 +51,6 @@ class TrackReduction(enum.Enum):
 
     MEAN = "mean"
     SUM = "sum"
-
-
-def _stacked_over_tracks(cfg: BaseStack.Config, num_tracks: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`num_tracks` independent copies of the block, as one module whose parameters lead with `track`."""
-
-    @nnx.split_rngs(splits=num_tracks)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs: nnx.Rngs) -> nnx.Module:
-        return cfg.instantiate(rngs=rngs)
-
-    module = create(rngs)
-    for _, node in nnx.iter_graph(module):
-        if isinstance(node, nnx.Param):
-            axes = node.get_metadata().get("axes") or (None,) * (node.get_value().ndim - 1)
-            node.set_metadata(axes=("track", *axes))
-    return module
 
 
 def _call_block(block: nnx.Module, x: Array, positions: Array, segment_ids: Array | None, cache: Any) -> StackOutput:
@@ -90,18 +76,17 @@ class ParallelTrackStack(Layer):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        path = cfg._path or "stack"
-        for name in ("num_tracks", "block_depth", "num_layers"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"{path}.{name}={getattr(cfg, name)} must be >= 1")
+        check_positive(cfg, "num_tracks", "block_depth", "num_layers")
         if cfg.num_layers % cfg.block_depth:
-            raise ValueError(
-                f"{path}.num_layers={cfg.num_layers} is not a multiple of {path}.block_depth={cfg.block_depth}; "
-                "each track must be a whole number of blocks"
+            raise ConfigValueError(
+                f"{config_path(cfg, 'num_layers')}={cfg.num_layers} is not a multiple of "
+                f"{config_path(cfg, 'block_depth')}={cfg.block_depth}; each track must be a whole number of blocks"
             )
-        block = cfg.block.clone(input_dim=cfg.input_dim, num_layers=cfg.block_depth)
+        block = fill_child(cfg.block, parent=cfg, input_dim=cfg.input_dim, num_layers=cfg.block_depth)
         num_blocks = cfg.num_layers // cfg.block_depth
-        self.blocks = nnx.List([_stacked_over_tracks(block, cfg.num_tracks, rngs) for _ in range(num_blocks)])
+        self.blocks = nnx.List(
+            [stack_modules(block, cfg.num_tracks, axis="track", rngs=rngs) for _ in range(num_blocks)]
+        )
 
     def __call__(
         self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
@@ -132,18 +117,14 @@ class ParallelTrackStack(Layer):
             return nnx.capture(_call_block, AuxLoss, Summary)(module, x, positions, segment_ids, cache)
 
         # The module goes in as a pytree (graph-mode transforms of a module holding an nnx.List fail while
-        # an outer nnx.capture is active); values sown earlier outside a capture are not per track.
+        # an outer nnx.capture is active); that capture's collections (Intermediate variables) are not per track.
         block_axes = jax.tree.map(
             lambda v: None if isinstance(v, nnx.Intermediate) else 0,
             block,
             is_leaf=lambda v: isinstance(v, nnx.Variable),
         )
         out, losses, summaries = jax.vmap(one_track, in_axes=(block_axes, 0, 0))(block, tracks, cache)
-        modules = dict(nnx.iter_modules(block))
-        for path, variable in nnx.to_flat_state(losses):
-            modules[path[:-1]].add_aux_loss(path[-1], jnp.sum(variable.get_value(), axis=0))
-        for path, variable in nnx.to_flat_state(summaries):
-            modules[path[:-1]].add_summary(path[-1], variable.get_value())
+        resow(block, losses, summaries)
         return out
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
