@@ -105,12 +105,18 @@ class Layer(Configurable, nnx.Module):
         return nnx.Param(value, axes=tuple(axes))
 
     def add_aux_loss(self, name: str, value: jax.Array) -> None:
-        """Sows a scalar loss term; repeated calls in one step add up."""
-        self.sow(AuxLoss, name, value, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+        """Sows a scalar loss term for the enclosing `capture_aux`; repeated calls in one step add up."""
+        self._sow(AuxLoss, name, value, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
 
     def add_summary(self, name: str, value: jax.Array) -> None:
-        """Sows a value to log; repeated calls in one step keep the last."""
-        self.sow(Summary, name, value, init_fn=lambda: None, reduce_fn=lambda a, b: b)
+        """Sows a value to log for the enclosing `capture_aux`; repeated calls in one step keep the last."""
+        self._sow(Summary, name, value, init_fn=lambda: None, reduce_fn=lambda a, b: b)
+
+    def _sow(self, kind: type[nnx.Variable], name: str, value: jax.Array, **reduce: Callable) -> None:
+        # Sown values are collected by nnx.capture, which marks every module it runs with `__captures__`. Outside
+        # one nobody reads them, and flax 0.12 deprecates keeping them on the module: they are dropped.
+        if hasattr(self, "__captures__"):
+            self.sow(kind, name, value, **reduce)
 
 
 def _path_string(path: Sequence[Any]) -> str:
@@ -131,11 +137,6 @@ def capture_aux(fn: Callable[..., Any], model: nnx.Module, *args: Any, **kwargs:
     """Runs `fn(model, *args, **kwargs)` and returns its output with every AuxLoss and Summary sown meanwhile."""
     output, losses, summaries = nnx.capture(fn, AuxLoss, Summary)(model, *args, **kwargs)
     return AuxCapture(output, _flat_values(losses), _flat_values(summaries))
-
-
-def pop_aux(model: nnx.Module, kind: type[nnx.Variable] = AuxLoss) -> dict[str, jax.Array]:
-    """Removes values of `kind` sown outside `capture_aux` from `model`, as {module path/name: value}."""
-    return _flat_values(nnx.pop(model, kind))
 
 
 def stack_modules(cfg: Layer.Config, num: int, *, axis: str, rngs: nnx.Rngs) -> nnx.Module:
