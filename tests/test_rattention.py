@@ -20,10 +20,10 @@ from axmini.layers.rattention import (
     RAttentionCache,
     RAttentionLayout,
     RAttentionModifier,
-    rattention_variant,
 )
 from axmini.layers.transformer import PatternStack, RepeatedStack, TransformerLayer
 from axmini.module import build_sharded, sharding_context
+from experiments.decoders import rattention_variant
 
 D, H, K, DH = 16, 4, 2, 8
 THETA = 100.0

@@ -12,8 +12,8 @@ Parameters of one block are stacked over tracks (leading logical axis `track`) a
 cross-track communication is one all-reduce per block boundary: 1 per `block_depth` layers, where
 tensor parallelism needs 2 per layer.
 
-`ParallelTrackStack` fills the decoder's `stack` slot (same call contract as the other stacks).
-`pt_moe_tiny()` and `pt_moe_large()` are model configs.
+`ParallelTrackStack` fills the decoder's `stack` slot (same call contract as the other stacks); the PT-MoE model
+configs are in `experiments/decoders.py`.
 """
 
 from __future__ import annotations
@@ -25,23 +25,9 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import (
-    REQUIRED,
-    ConfigValueError,
-    Required,
-    check_positive,
-    config_for_function,
-    config_path,
-    fill_child,
-)
-from axmini.layers.attention import Attention, QKVProjection
-from axmini.layers.decoder import Decoder
-from axmini.layers.feed_forward import FeedForward
-from axmini.layers.moe import MoE, MoEModifier, TopKGating
-from axmini.layers.norm import RMSNorm
-from axmini.layers.position import RoPEProjection
-from axmini.layers.transformer import BaseStack, GlobalLocalModifier, RepeatedStack, StackOutput, TransformerLayer
-from axmini.module import AuxLoss, Layer, Summary, normal, resow, shard_activation, stack_modules
+from axmini.config import REQUIRED, ConfigValueError, Required, check_positive, config_path, fill_child
+from axmini.layers.transformer import BaseStack, RepeatedStack, StackOutput
+from axmini.module import AuxLoss, Layer, Summary, resow, shard_activation, stack_modules
 
 Array = jax.Array
 
@@ -136,91 +122,3 @@ class ParallelTrackStack(Layer):
             )
             for block in self.blocks
         )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model configs.
-
-
-def pt_moe_decoder(
-    *,
-    vocab_size: int,
-    dim: int,
-    num_tracks: int,
-    num_blocks: int,
-    block_depth: int,
-    num_heads: int,
-    num_kv_heads: int,
-    hidden_dim: int,
-    num_experts: int,
-    top_k: int,
-    sliding_window: int | None,
-    local_layers: int = 3,
-    global_layers: int = 1,
-) -> Decoder.Config:
-    """A PT-MoE decoder: tracks of blocks whose layers are RoPE attention + SwiGLU, with every other
-    feed-forward an MoE (track-local experts), and `local_layers` sliding-window : `global_layers` global
-    (NoPE) attention inside each block when `sliding_window` is set."""
-    attention = Attention.default_config().set(
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        input_linear=RoPEProjection.default_config().set(theta=500000.0, inner=QKVProjection.default_config()),
-    )
-    layer = TransformerLayer.default_config().set(
-        self_attention=attention, feed_forward=FeedForward.default_config().set(hidden_dim=hidden_dim)
-    )
-    stack = ParallelTrackStack.default_config().set(
-        num_layers=num_blocks * block_depth,
-        num_tracks=num_tracks,
-        block_depth=block_depth,
-        block=RepeatedStack.default_config().set(layer=layer),
-    )
-    cfg = Decoder.default_config().set(
-        vocab_size=vocab_size, dim=dim, stack=stack, output_norm=RMSNorm.default_config()
-    )
-    cfg.embedding.param_init = config_for_function(normal, stddev=0.02)
-    if sliding_window is not None:
-        cfg = (
-            GlobalLocalModifier.default_config()
-            .set(local_layers=local_layers, global_layers=global_layers, sliding_window=sliding_window)
-            .instantiate()(cfg)
-        )
-    gating = TopKGating.default_config().set(top_k=top_k)
-    moe = MoE.default_config().set(num_experts=num_experts, gating=gating)
-    return MoEModifier.default_config().set(moe=moe, every=2).instantiate()(cfg)
-
-
-def pt_moe_tiny() -> Decoder.Config:
-    """2 tracks x 2 blocks of 4 layers (3 local : 1 global, MoE every other layer, top-2 of 4), width 64."""
-    return pt_moe_decoder(
-        vocab_size=2048,
-        dim=64,
-        num_tracks=2,
-        num_blocks=2,
-        block_depth=4,
-        num_heads=4,
-        num_kv_heads=2,
-        hidden_dim=128,
-        num_experts=4,
-        top_k=2,
-        sliding_window=64,
-    )
-
-
-def pt_moe_large() -> Decoder.Config:
-    """A server-scale PT-MoE shape to inspect with `build_abstract` (32.0B parameters, about 6.7B active):
-    4 tracks x 6 blocks of 4 layers, width 2048, 16 heads / 2 KV heads, 3 local (window 4096) : 1 global,
-    top-2-of-16 MoE every other layer. An illustration of the architecture, not Apple's published sizes."""
-    return pt_moe_decoder(
-        vocab_size=153600,
-        dim=2048,
-        num_tracks=4,
-        num_blocks=6,
-        block_depth=4,
-        num_heads=16,
-        num_kv_heads=2,
-        hidden_dim=6144,
-        num_experts=16,
-        top_k=2,
-        sliding_window=4096,
-    )

@@ -350,7 +350,7 @@ class RAttentionModifier(ConfigModifier):
         if shared:
             raise ConfigValueError(
                 f"RAttentionModifier: {', '.join(shared)} share keys/values between layers (kv_sharing), which "
-                "RAttention cannot do; set kv_sharing=None there first (rattention_variant does)"
+                "RAttention cannot do; set kv_sharing=None there first (experiments.decoders.rattention_variant does)"
             )
         subclasses = [
             f"{path or '<root>'} ({attention.klass.__qualname__})"
@@ -387,13 +387,3 @@ class RAttentionModifier(ConfigModifier):
             return stack.set(pattern=local + list(stack.pattern[mcfg.local_layers :]))
 
         return map_configs(cfg, PatternStack, convert_local_layers)
-
-
-def rattention_variant(
-    model: ConfigBase, *, sliding_window: int = 512, layout: RAttentionLayout = RAttentionLayout.LOCAL_GLOBAL
-) -> ConfigBase:
-    """The RAttention variant of a model config: KV sharing off (RAttention keeps its own keys), then
-    `RAttentionModifier` with `layout` (default: 3 local RAttention : 1 global NoPE attention, window 512)."""
-    model = map_configs(model, BaseStack.matches, lambda stack: stack.set(kv_sharing=None))
-    modifier = RAttentionModifier.default_config().set(sliding_window=sliding_window, layout=layout)
-    return modifier.instantiate()(model)
