@@ -144,7 +144,7 @@ def _sample(trainer: Any, state: Any, prompt: str, *, max_new_tokens: int, tempe
     import jax.numpy as jnp
     from jax.experimental import multihost_utils
 
-    from axmini.layers.decoding import generate
+    from axmini.decoding import generate
 
     vocabulary = trainer.input.vocabulary()
     prompt_ids = [int(i) for i in vocabulary.encode(prompt)]
