@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from golden_files import check_golden
 
 import experiments
 from axmini.config import ConfigBase, ConfigTypeError
-from axmini.golden import check_golden
 from axmini.launch import launcher
 from axmini.launch.render import gcloud_script, jobset, jobset_yaml, render, xpk_argv, xpk_command
 from axmini.launch.spec import LaunchSpec, LaunchSpecError, check, train_command, validate

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from golden_files import GoldenMismatchError, check_golden, param_shapes_text
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from axmini.config import config_for_function
-from axmini.golden import GoldenMismatchError, check_golden, param_shapes_text
 from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
 from axmini.layers.norm import LayerNorm, RMSNorm
