@@ -14,7 +14,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, Required
+from axmini.config import REQUIRED, ConfigBase, Required, find_configs
 from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
 from axmini.layers.norm import RMSNorm
@@ -22,6 +22,11 @@ from axmini.layers.transformer import RepeatedStack
 from axmini.module import Layer, shard_activation
 
 Array = jax.Array
+
+
+def _is_non_causal(cfg: ConfigBase) -> bool:
+    """A config whose class declares `causal = False` (e.g. expert-choice routing)."""
+    return getattr(getattr(cfg, "klass", None), "causal", True) is False
 
 
 class DecoderOutput(NamedTuple):
@@ -60,6 +65,12 @@ class Decoder(Layer):
             raise ValueError(f"{path}.pad_id={cfg.pad_id} is not a token id of vocab_size={cfg.vocab_size}")
         if cfg.z_loss_weight < 0:
             raise ValueError(f"{path}.z_loss_weight={cfg.z_loss_weight} must be >= 0")
+        for child_path, child in find_configs(cfg.stack, _is_non_causal):
+            raise ValueError(
+                f"{path}.stack.{child_path}: {child.klass.__name__} is not causal (a token's output would depend on "
+                "later tokens), so a causal decoder cannot use it; use a causal alternative (for MoE routing: "
+                "TopKGating, token choice)"
+            )
         self.embedding = cfg.embedding.clone(num_embeddings=cfg.vocab_size, dim=cfg.dim).instantiate(rngs=rngs)
         self.stack = cfg.stack.clone(input_dim=cfg.dim).instantiate(rngs=rngs)
         self.output_norm = cfg.output_norm.clone(input_dim=cfg.dim).instantiate(rngs=rngs)
