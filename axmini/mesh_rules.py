@@ -59,19 +59,38 @@ class InstanceType:
     topology: str = ""  # TPU topology, e.g. "4x4x8"
     machine_type: str = ""  # GCE machine type of one host
     peak_flops_per_chip: float | None = None  # dense bf16 FLOP/s
+    cloud_tpu_type: str = ""  # Cloud TPU accelerator type (gcloud, xpk), e.g. "v5litepod-256"
 
     @property
     def chips_per_slice(self) -> int:
         return self.chips_per_host * self.hosts_per_slice
 
 
-# TPU generation -> (GKE accelerator label, machine type prefix, "N" counts cores (2 per chip)?, peak bf16 FLOP/s, 3D?)
-_TPU_GENERATIONS = {
-    "v4": ("tpu-v4-podslice", "ct4p-hightpu-4t", True, 275e12, True),
-    "v5p": ("tpu-v5p-slice", "ct5p-hightpu-4t", True, 459e12, True),
-    "v5e": ("tpu-v5-lite-podslice", "ct5lp-hightpu", False, 197e12, False),
-    "v6e": ("tpu-v6e-slice", "ct6e-standard", False, 918e12, False),
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    """A TPU generation as GKE and Cloud TPU name it, with the slice shapes its documentation lists."""
+
+    accelerator: str  # GKE node label cloud.google.com/gke-tpu-accelerator
+    cloud_prefix: str  # Cloud TPU accelerator type prefix: v5litepod-256
+    machine_prefix: str  # GCE machine type of a host with K chips: <prefix>-<K>t
+    cores_per_chip: int  # what the N of tpu-<generation>-N counts: TensorCores (2 a chip) or chips (1)
+    peak_flops_per_chip: float  # dense bf16 FLOP/s
+    topologies: tuple[str, ...]  # the documented slice shapes, smallest first
+    max_chips_per_host: int  # a slice up to this size is one host; larger slices are made of 4-chip hosts
+
+
+# The shapes of the Cloud TPU docs (tpu/docs/v4, v5p, v5e, v6e): 2D slices of 1 to 256 chips (v5e, v6e; no 1x2,
+# nothing above 16x16), 3D slices of 4 to 4096 chips (v4, v5p; the power-of-two ones: v5p's larger 16x16x24 and the
+# non-power-of-two shapes such as 4x4x12 are not in the table).
+_SHAPES_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
+_SHAPES_3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8", "8x8x16", "8x16x16", "16x16x16")
+TPU_GENERATIONS = {
+    "v4": TpuGeneration("tpu-v4-podslice", "v4", "ct4p-hightpu", 2, 275e12, _SHAPES_3D, 4),
+    "v5p": TpuGeneration("tpu-v5p-slice", "v5p", "ct5p-hightpu", 2, 459e12, _SHAPES_3D, 4),
+    "v5e": TpuGeneration("tpu-v5-lite-podslice", "v5litepod", "ct5lp-hightpu", 1, 197e12, _SHAPES_2D, 8),
+    "v6e": TpuGeneration("tpu-v6e-slice", "v6e", "ct6e-standard", 1, 918e12, _SHAPES_2D, 8),
 }
+# GPU kind -> (GKE accelerator label, GCE machine type of an 8-GPU host, peak bf16 FLOP/s a GPU)
 _GPUS = {
     "h100": ("nvidia-h100-80gb", "a3-highgpu-8g", 989e12),
     "h200": ("nvidia-h200-141gb", "a3-ultragpu-8g", 989e12),
@@ -79,17 +98,44 @@ _GPUS = {
 }
 
 
-def _topology(chips: int, three_d: bool) -> str:
-    """The standard slice topology for `chips` chips (as GKE and gcloud name it)."""
-    dims = ([2, 2, 1] if chips >= 4 else [1, 1, 1]) if three_d else [1, 1]
-    while math.prod(dims) < chips:  # Double the smallest dim, the last one among equals: 2x2x1, 2x2x2, 2x2x4, 2x4x4...
-        smallest = min(range(len(dims)), key=lambda d: (dims[d], -d))
-        dims[smallest] *= 2
-    return "x".join(str(d) for d in dims)
+def _slice_sizes(tpu: TpuGeneration) -> dict[int, str]:
+    """The N of tpu-<generation>-N -> the slice's topology, for every documented shape."""
+    return {math.prod(int(d) for d in shape.split("x")) * tpu.cores_per_chip: shape for shape in tpu.topologies}
+
+
+def tpu_instance_types(generation: str) -> list[str]:
+    """Every TPU instance type of `generation`, smallest first: tpu-v5e-1, tpu-v5e-4, ..."""
+    return [f"tpu-{generation}-{size}" for size in _slice_sizes(TPU_GENERATIONS[generation])]
+
+
+def _tpu_instance_type(name: str, generation: str, size: int) -> InstanceType:
+    tpu = TPU_GENERATIONS[generation]
+    shapes = _slice_sizes(tpu)
+    if size not in shapes:
+        known = ", ".join(tpu_instance_types(generation))
+        raise MeshRuleError(
+            f"instance type {name!r} is not a {generation} slice that exists: use one of {known} "
+            "(more chips: several slices)"
+        )
+    topology = shapes[size]
+    chips = size // tpu.cores_per_chip
+    chips_per_host = chips if chips <= tpu.max_chips_per_host else 4
+    return InstanceType(
+        name,
+        "tpu",
+        tpu.accelerator,
+        chips_per_host,
+        chips // chips_per_host,
+        topology,
+        f"{tpu.machine_prefix}-{chips_per_host}t",
+        tpu.peak_flops_per_chip,
+        f"{tpu.cloud_prefix}-{size}",
+    )
 
 
 def instance_type(name: str) -> InstanceType:
-    """Parses an instance type name: `cpu`, `gpu-<h100|h200|a100>-8`, `tpu-<v4|v5p|v5e|v6e>-<N>`."""
+    """Parses an instance type name: `cpu`, `gpu-<h100|h200|a100>-8`, `tpu-<v4|v5p|v5e|v6e>-<N>` (a documented
+    slice: N counts TensorCores on v4 and v5p, chips on v5e and v6e, as Cloud TPU's accelerator types do)."""
     if name == "cpu":
         return InstanceType("cpu", "cpu", "", chips_per_host=jax.local_device_count(), hosts_per_slice=1)
     gpu = re.fullmatch(r"gpu-(h100|h200|a100)-(\d+)", name)
@@ -101,21 +147,8 @@ def instance_type(name: str) -> InstanceType:
         return InstanceType(name, "gpu", accelerator, 8, 1, machine_type=machine, peak_flops_per_chip=flops)
     tpu = re.fullmatch(r"tpu-(v4|v5p|v5e|v6e)-(\d+)", name)
     if tpu:
-        accelerator, machine, counts_cores, flops, three_d = _TPU_GENERATIONS[tpu.group(1)]
-        n = int(tpu.group(2))
-        chips = n // 2 if counts_cores else n
-        if chips < 1 or chips & (chips - 1):
-            raise MeshRuleError(f"instance type {name!r}: the size must be a power of two")
-        single_host_max = 4 if three_d else 8
-        chips_per_host = chips if chips <= single_host_max else 4
-        if not three_d and chips <= single_host_max:
-            machine = f"{machine}-{chips}t"
-        elif not three_d:
-            machine = f"{machine}-4t"
-        return InstanceType(
-            name, "tpu", accelerator, chips_per_host, chips // chips_per_host, _topology(chips, three_d), machine, flops
-        )
-    known = ["cpu", *(f"gpu-{g}-8" for g in _GPUS), *(f"tpu-{t}-256" for t in _TPU_GENERATIONS)]
+        return _tpu_instance_type(name, tpu.group(1), int(tpu.group(2)))
+    known = ["cpu", *(f"gpu-{g}-8" for g in _GPUS), *(f"tpu-{t}-256" for t in TPU_GENERATIONS)]
     close = difflib.get_close_matches(name, known, n=2, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     forms = "cpu, gpu-<h100|h200|a100>-8, tpu-<v4|v5p|v5e|v6e>-<N>"
@@ -197,8 +230,7 @@ def detect_instance_type() -> str:
             if gpu in kind:
                 return f"gpu-{gpu}-8"
         raise MeshRuleError(f"unknown GPU {device.device_kind!r}; pass --mesh_selector explicitly")
-    for generation, (_, _, counts_cores, _, _) in _TPU_GENERATIONS.items():
+    for generation, tpu in TPU_GENERATIONS.items():
         if generation.replace("v5e", "v5 lite") in kind or generation in kind.replace(" ", ""):
-            chips = jax.device_count()
-            return f"tpu-{generation}-{chips * 2 if counts_cores else chips}"
+            return f"tpu-{generation}-{jax.device_count() * tpu.cores_per_chip}"
     raise MeshRuleError(f"unknown accelerator {device.device_kind!r}; pass --mesh_selector explicitly")

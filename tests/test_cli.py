@@ -1,6 +1,7 @@
 """The `axmini` command: bad invocations fail in one line (exit code 2) and write nothing; configs; train, sample."""
 
 import hashlib
+import json
 import os
 import pathlib
 import subprocess
@@ -180,3 +181,66 @@ def test_train_then_sample_end_to_end(tmp_path, capsys):
     samples = capsys.readouterr().out.strip().splitlines()
     assert len(samples) == 2 and all(s.startswith("The module") for s in samples)
     fails_in_one_line(capsys, ["sample", f"--trainer_dir={run}", "--prompt=x", "--temperature=-1"], "--temperature")
+
+
+# A `axmini train` run in a subprocess (real signal handling), with hooks that make the timing deterministic:
+# argv[1] = "crash": the process dies (os._exit) right after logging step 3, before any checkpoint of step 3;
+# argv[1] = "sigterm": SIGTERM arrives during the final checkpoint save (every step has run) and again when the
+# closing sample starts.
+RUN_WITH_HOOKS = """
+import os, signal, sys
+import axmini.decoding
+import axmini.cli
+from axmini.trainer.checkpointer import Checkpointer
+from axmini.trainer.summary import SummaryWriter
+
+mode, trainer_dir = sys.argv[1], sys.argv[2]
+write, save = SummaryWriter.write, Checkpointer.save
+
+def write_then_crash(self, step, metrics, prefix="train"):
+    write(self, step, metrics, prefix)
+    if step == 3:
+        os._exit(1)
+
+def sigterm_then_save(self, step, state, metadata=None, *, force=False):
+    if force:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return save(self, step, state, metadata, force=force)
+
+def sigterm_then_generate(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return generate(*args, **kwargs)
+
+if mode == "crash":
+    SummaryWriter.write = write_then_crash
+else:
+    Checkpointer.save = sigterm_then_save
+    generate = axmini.decoding.generate
+    axmini.decoding.generate = sigterm_then_generate
+small = ["max_step=5", "log_every_n_steps=1", "checkpointer.save_every_n_steps=2", "checkpointer.async_save=False",
+         "model.dim=32", "model.stack.num_layers=1", "input.sequence_length=32", "evaluator.input.sequence_length=32",
+         "evaluator.num_batches=1", "evaluator.every_n_steps=100", "progress_bar=False"]
+argv = ["train", "--config=tiny", f"--trainer_dir={trainer_dir}", *(f"--set={s}" for s in small)]
+sys.exit(axmini.cli.main(argv))
+"""
+
+
+def test_resumed_run_logs_each_step_once_and_late_sigterm_still_exits_0(tmp_path):
+    run_dir = tmp_path / "run"
+
+    def run(mode):
+        return subprocess.run(
+            [sys.executable, "-c", RUN_WITH_HOOKS, mode, str(run_dir)], capture_output=True, text=True, timeout=600
+        )
+
+    crashed = run("crash")
+    assert crashed.returncode == 1, crashed.stderr[-2000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2"]
+
+    finished = run("sigterm")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "trained to step 5" in finished.stdout
+    assert "training finished; sample skipped (SIGTERM)" in finished.stderr
+    assert "5" in [p.name for p in (run_dir / "checkpoints").iterdir()]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5]  # Step 3 of the crashed run: once.

@@ -9,9 +9,10 @@ import pytest
 from axmini.config import ConfigValueError
 from axmini.layers.decoder import Decoder
 from axmini.layers.linear import Linear
+from axmini.layers.moe import ExpertChoiceGating, MoE, MoEModifier, TopKGating
 from axmini.layers.position import RoPEModifier
 from axmini.layers.transformer import RepeatedStack
-from axmini.module import build_sharded, sharding_context
+from axmini.module import build_abstract, build_sharded, sharding_context
 
 VOCAB, DIM, HEADS, KV_HEADS, HIDDEN, THETA = 40, 16, 4, 2, 32, 100.0
 
@@ -271,3 +272,14 @@ def test_separate_lm_head_has_vocab_axis():
     model = _config(tied=False).instantiate(rngs=nnx.Rngs(0))
     assert model.lm_head.weight.get_metadata()["axes"] == ("embed", "vocab")
     assert model.lm_head.weight.shape == (DIM, VOCAB)
+
+
+def test_expert_choice_routing_is_refused_in_a_causal_decoder():
+    moe = MoE.default_config().set(num_experts=4, gating=ExpertChoiceGating.default_config())
+    cfg = MoEModifier.default_config().set(moe=moe).instantiate()(_config())
+    with pytest.raises(
+        ValueError, match=r"stack\.layer\.feed_forward\.gating: ExpertChoiceGating is not causal.*TopKGating"
+    ):
+        build_abstract(cfg)
+    token_choice = moe.clone(gating=TopKGating.default_config())
+    build_abstract(MoEModifier.default_config().set(moe=token_choice).instantiate()(_config()))

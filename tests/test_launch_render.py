@@ -44,6 +44,12 @@ CASES = {
     "tpu_v5e_256": dict(instance_type="tpu-v5e-256", priority="high"),
     "tpu_v6e_8": dict(instance_type="tpu-v6e-8", provisioning="reserved", reservation="my-res", namespace="ml"),
     "gpu_h100_8_x2": dict(instance_type="gpu-h100-8", num_slices=2, max_restarts=1),
+    # Kubernetes expands $(VAR) in commands and env values; `$` and shell quotes must arrive as written.
+    "tpu_v4_16_dollars": dict(
+        instance_type="tpu-v4-16",
+        command=["axmini", "train", "--set=run_name=run-$(RUN_ID)-$$-it's", "--trainer.max_step=100"],
+        env={"NOTE": "$(HOME) costs $5; $$ too"},
+    ),
 }
 RENDERINGS = [
     (case, r) for case in CASES for r in ("jobset", "xpk", "gcloud") if not case.startswith("gpu") or r != "gcloud"
@@ -64,6 +70,33 @@ def _pod(manifest: dict) -> dict:
 
 def _env(container: dict) -> dict[str, object]:
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def kubernetes_expand(text: str, env: dict[str, str]) -> str:
+    """What Kubernetes makes of a container's command word or env value: `$(VAR)` is replaced by an earlier
+    variable's value (left as is when there is none), `$$` becomes `$` (its third_party/forked/golang/expansion)."""
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "$" and i + 1 < len(text):
+            end = text.find(")", i + 2) if text[i + 1] == "(" else -1
+            if text[i + 1] == "$":
+                out.append("$")
+            elif end != -1:
+                out.append(env.get(text[i + 2 : end], text[i : end + 1]))
+                i = end + 1
+                continue
+            else:
+                out.append(text[i : i + 2])
+            i += 2
+            continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def test_kubernetes_expand_follows_the_kubernetes_rules() -> None:
+    env = {"A": "1"}
+    assert kubernetes_expand("$(A)-$(B)-$$(A)-$$$(A)-$x-$(-$", env) == "1-$(B)-$(A)-$1-$x-$(-$"
 
 
 def test_tpu_multislice_jobset_fields() -> None:
@@ -105,32 +138,45 @@ def test_single_host_tpu_jobset_requests_all_chips_of_the_host() -> None:
     assert pod["containers"][0]["resources"]["limits"] == {"google.com/tpu": 8}
 
 
-def test_gpu_jobset_uses_gpu_limits_and_explicit_process_ids() -> None:
-    manifest = jobset(_spec(**CASES["gpu_h100_8_x2"]))
+def test_gpu_hosts_are_one_job_of_one_pod_each_on_a_shared_node_pool() -> None:
+    manifest = jobset(_spec(**{**CASES["gpu_h100_8_x2"], "num_slices": 3}))
+    assert "annotations" not in manifest["metadata"]  # no exclusive node pool per job: all hosts in one job
     (rjob,) = manifest["spec"]["replicatedJobs"]
-    assert rjob["replicas"] == 2 and rjob["template"]["spec"]["parallelism"] == 1
+    assert rjob["replicas"] == 1
+    assert rjob["template"]["spec"]["parallelism"] == rjob["template"]["spec"]["completions"] == 3
     pod = _pod(manifest)
     assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
     assert pod["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": 8}
     env = _env(pod["containers"][0])
-    assert env["AXMINI_COORDINATOR"] == "llm-run-slice-0-0.llm-run:8476"
-    assert env["AXMINI_NUM_PROCESSES"] == "2" and env["AXMINI_NUM_SLICES"] == "2"
-    assert env["AXMINI_SLICE_ID"]["fieldRef"]["fieldPath"] == "metadata.annotations['jobset.sigs.k8s.io/job-index']"
+    assert env["AXMINI_COORDINATOR"] == "llm-run-slice-0-0.llm-run:8476"  # pod 0 of job 0
+    assert env["AXMINI_NUM_PROCESSES"] == "3"
+    completion_index = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert env["AXMINI_PROCESS_ID"] == {"fieldRef": {"fieldPath": completion_index}}
 
 
 def _flags(argv: list[str]) -> dict[str, str]:
     return dict(a.split("=", 1) for a in argv if a.startswith("--") and "=" in a)
 
 
+def _xpk_env(argv: list[str]) -> dict[str, str]:
+    return dict(argv[i + 1].split("=", 1) for i, arg in enumerate(argv) if arg == "--env")
+
+
 def test_xpk_command_flags() -> None:
     tpu = _flags(shlex.split(xpk_command(_spec(**CASES["tpu_v5p_256_x2"])).replace("\\\n", " ")))
     assert tpu["--cluster"] == "tpu-cluster" and tpu["--workload"] == "llm-run"
-    assert tpu["--tpu-type"] == "v5p-256" and tpu["--num-slices"] == "2"
+    assert tpu["--tpu-type"] == "v5p-4x4x8" and tpu["--num-slices"] == "2"
     assert tpu["--docker-image"] == IMAGE and tpu["--priority"] == "medium" and tpu["--max-restarts"] == "3"
     assert shlex.split(tpu["--command"]) == train_command(_spec())
-    assert _flags(xpk_argv(_spec(instance_type="tpu-v5e-256")))["--tpu-type"] == "v5litepod-256"
-    gpu = _flags(xpk_argv(_spec(**CASES["gpu_h100_8_x2"])))
+    assert _flags(xpk_argv(_spec(instance_type="tpu-v5e-256")))["--tpu-type"] == "v5litepod-16x16"
+    gpu_argv = xpk_argv(_spec(**CASES["gpu_h100_8_x2"]))
+    gpu = _flags(gpu_argv)
     assert gpu["--device-type"] == "h100-80gb-8" and gpu["--num-nodes"] == "2" and "--tpu-type" not in gpu
+    # xpk's GPU pods define JAX_COORDINATOR_* and NODE_RANK; axmini's process group is built from them.
+    env = _xpk_env(gpu_argv)
+    assert env["AXMINI_COORDINATOR"] == "$(JAX_COORDINATOR_ADDRESS):$(JAX_COORDINATOR_PORT)"
+    assert env["AXMINI_PROCESS_ID"] == "$(NODE_RANK)" and env["AXMINI_NUM_PROCESSES"] == "2"
 
 
 def test_gcloud_script_queues_waits_and_runs_on_all_workers() -> None:
@@ -148,6 +194,16 @@ def test_gcloud_script_queues_waits_and_runs_on_all_workers() -> None:
         assert subprocess.run([BASH, "-n"], input=script, text=True).returncode == 0
 
 
+def test_gcloud_takes_a_named_reservation_on_the_track_that_has_the_flag() -> None:
+    named = gcloud_script(_spec(instance_type="tpu-v6e-8", provisioning="reserved", reservation="my-res"))
+    assert "gcloud alpha compute tpus queued-resources create llm-run" in named
+    assert "--reservation=my-res" in named and "--reserved" not in named
+    any_matching = gcloud_script(_spec(instance_type="tpu-v6e-8", provisioning="reserved"))
+    assert "gcloud compute tpus queued-resources create llm-run" in any_matching and "--reserved" in any_matching
+    if BASH:
+        assert subprocess.run([BASH, "-n"], input=named, text=True).returncode == 0
+
+
 def _bash_words(shell_text: str) -> list[str]:
     """The words bash makes of `shell_text` (printed NUL-separated; nothing in it is executed but printf)."""
     out = subprocess.run([BASH, "-c", f"printf '%s\\0' {shell_text}"], capture_output=True, check=True)
@@ -160,12 +216,12 @@ def test_shell_metacharacters_in_user_values_reach_the_program_verbatim(tmp_path
     nasty = NASTY.format(canary=canary)
     spec = _spec(command=["axmini", "train", nasty], env={"NOTE": "a;b $(x)"})
     expected = ["axmini", "train", nasty, "--mesh_selector=tpu-v5p-256"]
-    # xpk: the whole command line goes through a shell, then --command through the container's shell.
+    # xpk: the whole command line goes through a shell, --command through Kubernetes and the container's shell.
     words = _bash_words(xpk_command(spec).replace("\\\n", " "))
     assert words[:3] == ["xpk", "workload", "create"]
-    inner = _flags(words)["--command"]
+    inner = kubernetes_expand(_flags(words)["--command"], {"x": "EXPANDED"})
     assert _bash_words(inner) == expected
-    assert "NOTE=a;b $(x)" in words
+    assert kubernetes_expand(_xpk_env(words)["NOTE"], {"x": "EXPANDED"}) == "a;b $(x)"
     # gcloud: the ssh line goes through the script's shell, --command through the TPU VM's shell.
     ssh_line = next(line for line in gcloud_script(spec).splitlines() if "tpu-vm ssh" in line)
     ssh_words = _bash_words(ssh_line.strip().removesuffix("&").replace('"$node"', "NODE"))
@@ -174,11 +230,10 @@ def test_shell_metacharacters_in_user_values_reach_the_program_verbatim(tmp_path
     remote = _bash_words(run)
     assert remote[-4:] == expected and "NOTE=a;b $(x)" in remote
     assert not canary.exists()
-    # JobSet: an exec list, no shell at all.
-    assert (
-        jobset(spec)["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["containers"][0]["command"]
-        == expected
-    )
+    # JobSet: an exec list, no shell at all; Kubernetes expands it.
+    (container,) = _pod(jobset(spec))["containers"]
+    assert [kubernetes_expand(arg, {"x": "EXPANDED"}) for arg in container["command"]] == expected
+    assert kubernetes_expand(_env(container)["NOTE"], {"x": "EXPANDED"}) == "a;b $(x)"
 
 
 def test_mesh_that_does_not_cover_the_chips_is_refused() -> None:
@@ -295,3 +350,85 @@ def test_submit_pipes_the_jobset_to_kubectl_apply(monkeypatch: pytest.MonkeyPatc
     assert (tmp_path / "args").read_text().strip() == "apply -f -"
     spec = LaunchSpec(name="llm-run", instance_type="tpu-v6e-8", image=IMAGE, command=["axmini", "train", "--x=1"])
     assert (tmp_path / "stdin").read_text() == jobset_yaml(spec)
+
+
+_CLUSTER_ARGS = [f"--image={IMAGE}", "--cluster=tpu-cluster", "--zone=us-east5-a", "--dry_run"]
+_MISSING_SHAPES = [
+    "tpu-v5e-2",
+    "tpu-v6e-2",
+    "tpu-v5p-2",
+    "tpu-v5p-4",
+    "tpu-v4-2",
+    "tpu-v4-4",
+    "tpu-v5e-512",
+    "tpu-v6e-512",
+]
+REFUSED = {  # what the real tools would refuse or get wrong: (argv after `launch`, a phrase of the one-line error)
+    "webhook_pod_name": (["tpu", "--name=" + "a" * 48, "--instance_type=tpu-v5p-64", "--num_slices=2"], "webhook"),
+    "xpk_name_length": (["tpu", "--renderer=xpk", "--name=" + "a" * 41, "--instance_type=tpu-v6e-8"], "over 40"),
+    **{
+        f"{shape}_{renderer}": (
+            ["tpu", f"--renderer={renderer}", "--name=a", f"--instance_type={shape}"],
+            "slice that exists",
+        )
+        for shape in _MISSING_SHAPES
+        for renderer in ("jobset", "xpk", "gcloud")
+    },
+    "xpk_v5litepod_1": (["tpu", "--renderer=xpk", "--name=a", "--instance_type=tpu-v5e-1"], "no --tpu-type"),
+    "xpk_v5litepod_4": (["tpu", "--renderer=xpk", "--name=a", "--instance_type=tpu-v5e-4"], "no --tpu-type"),
+    "xpk_a100": (["gpu", "--renderer=xpk", "--name=a", "--instance_type=gpu-a100-8"], "no --device-type"),
+    "xpk_env_quote": (
+        ["tpu", "--renderer=xpk", "--name=a", "--instance_type=tpu-v6e-8", "--env", 'NOTE=say "hi"'],
+        "double-quoted YAML",
+    ),
+    "xpk_command_newline": (
+        ["tpu", "--renderer=xpk", "--name=a", "--instance_type=tpu-v6e-8", "--", "--set=run_name=a\nb"],
+        "has '\\n', which xpk cannot carry",
+    ),
+    "xpk_gpu_command_quote": (
+        ["gpu", "--renderer=xpk", "--name=a", "--instance_type=gpu-h100-8", "--", '--set=run_name="x"'],
+        "has '\"', which xpk cannot carry",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_what_the_real_tools_refuse_is_one_line_and_exit_2(case: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv, phrase = REFUSED[case]
+    own, train = (argv[: argv.index("--")], argv[argv.index("--") :]) if "--" in argv else (argv, [])
+    assert launcher.main([*own, *_CLUSTER_ARGS, *train]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: ") and phrase in line and captured.out == ""
+
+
+_LAYOUTS = {  # renderer, spec fields
+    "jobset_tpu": ("jobset", dict(instance_type="tpu-v5p-64", num_slices=2)),
+    "jobset_gpu": ("jobset", dict(instance_type="gpu-h100-8", num_slices=16)),
+    "xpk_tpu": ("xpk", dict(instance_type="tpu-v5p-8192", num_slices=12)),
+    "xpk_gpu": ("xpk", dict(instance_type="gpu-h200-8", num_slices=4)),
+    "gcloud": ("gcloud", dict(instance_type="tpu-v5e-256", num_slices=12)),
+}
+
+
+@pytest.mark.parametrize("layout", _LAYOUTS)
+@pytest.mark.parametrize("name", ["a" * 64, "run-" * 16, "My_Very-Long_Run_Name_" * 3, "9" * 70])
+def test_the_name_a_refusal_suggests_is_accepted(layout: str, name: str) -> None:
+    renderer, fields = _LAYOUTS[layout]
+    (error,) = validate(_spec(name=name, **fields), renderer)
+    suggestion = error.split("(e.g. '")[1].split("'")[0]
+    assert validate(_spec(name=suggestion, **fields), renderer) == []
+
+
+@pytest.mark.parametrize("train_args", [["train"], ["axmini", "train"], []])
+def test_train_subcommand_after_double_dash_is_not_doubled(
+    train_args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    argv = ["tpu", "--name=a", "--instance_type=tpu-v6e-8", f"--image={IMAGE}", "--dry_run"]
+    assert launcher.main([*argv, "--", *train_args, "--trainer.max_step=3"]) == 0
+    (container,) = _pod(yaml.safe_load(capsys.readouterr().out))["containers"]
+    assert container["command"] == ["axmini", "train", "--trainer.max_step=3", "--mesh_selector=tpu-v6e-8"]
+    commands = []
+    monkeypatch.setattr(launcher, "run_local", lambda command, **kw: commands.append(command) or 0)
+    assert launcher.main(["local", "--", *train_args, "--trainer.max_step=3"]) == 0
+    assert commands[0][-3:] == ["axmini.cli", "train", "--trainer.max_step=3"]

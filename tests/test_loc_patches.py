@@ -339,7 +339,12 @@ def test_registered_feature_is_flat_in_lines_and_builds_on_the_synthetic_family(
     result = sweep(registry[name], family, grid_sizes(2, 2), forward=ForwardChecks.NONE)
     assert result.complexity("user_lines").label == "O(1)"
     largest = result.points[-1]
-    assert largest.built == largest.build_checked == largest.targets, largest.failures
     assert largest.paths_changed > result.points[0].paths_changed > 0
+    if name == "moe_expert_choice":  # Not causal: every decoder of the family refuses it, with the reason.
+        assert (
+            largest.built == 0 and largest.failures and all("is not causal" in failure for failure in largest.failures)
+        )
+        return
+    assert largest.built == largest.build_checked == largest.targets, largest.failures
     # One tiny forward pass (a compilation: seconds on CPU) on the last model with the last variant.
     assert patch_target(registry[name], family, 1, 1).forward_ok

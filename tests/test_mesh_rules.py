@@ -1,10 +1,13 @@
 """Mesh rules: instance-type parsing, first-match selection, -1 inference, refusal of shapes that do not fit."""
 
+import math
+
 import jax
 import pytest
 
 from axmini.mesh_rules import (
     MESH_AXES,
+    TPU_GENERATIONS,
     MeshRule,
     MeshRuleError,
     default_mesh_rules,
@@ -13,6 +16,7 @@ from axmini.mesh_rules import (
     make_mesh,
     resolve_mesh_shape,
     select_mesh_rule,
+    tpu_instance_types,
 )
 
 
@@ -86,7 +90,7 @@ def test_instance_type_parsing():
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("tpu-v5p-12", "power of two"),
+        ("tpu-v5p-12", "not a v5p slice that exists"),
         ("gpu-h100-4", "8 GPUs"),
         ("tpu-v5p-25x", "did you mean"),
         ("quantum-9000", "unknown instance type"),
@@ -95,6 +99,36 @@ def test_instance_type_parsing():
 def test_bad_instance_types_are_refused(name, message):
     with pytest.raises(MeshRuleError, match=message):
         instance_type(name)
+
+
+@pytest.mark.parametrize("generation", TPU_GENERATIONS)
+def test_every_tpu_instance_type_is_a_consistent_slice(generation):
+    names = tpu_instance_types(generation)
+    assert len(set(names)) == len(names)
+    for name in names:
+        tpu = instance_type(name)
+        dims = [int(d) for d in tpu.topology.split("x")]
+        assert math.prod(dims) == tpu.chips_per_slice == tpu.chips_per_host * tpu.hosts_per_slice, name
+        assert len(dims) == (3 if generation in ("v4", "v5p") else 2), name
+        assert tpu.cloud_tpu_type == f"{TPU_GENERATIONS[generation].cloud_prefix}-{name.rsplit('-', 1)[1]}"
+        assert tpu.hosts_per_slice == 1 or tpu.chips_per_host == 4, name  # multi-host slices: 4-chip hosts
+        assert tpu.machine_type.endswith(f"-{tpu.chips_per_host}t"), name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["tpu-v5e-2", "tpu-v6e-2", "tpu-v5p-2", "tpu-v5p-4", "tpu-v4-2", "tpu-v4-4", "tpu-v5e-512", "tpu-v6e-512"],
+)
+def test_slice_shapes_that_do_not_exist_are_refused(name):
+    with pytest.raises(MeshRuleError, match=f"{name!r} is not a .* slice that exists: use one of"):
+        instance_type(name)
+
+
+def test_documented_size_limits():
+    """The Cloud TPU docs: v5e and v6e slices of 1 to 256 chips, v4 and v5p slices from 4 chips (8 TensorCores)."""
+    for generation, smallest, largest in (("v5e", 1, 256), ("v6e", 1, 256), ("v4", 8, 8192), ("v5p", 8, 8192)):
+        sizes = [int(name.rsplit("-", 1)[1]) for name in tpu_instance_types(generation)]
+        assert (min(sizes), max(sizes)) == (smallest, largest)
 
 
 def test_detected_instance_type_on_cpu_selects_the_cpu_rule():

@@ -270,6 +270,80 @@ def test_global_consumer_of_a_local_provider_is_refused():
         build_abstract(_global_local(kv_sharing=(3, 1)))
 
 
+def _np_layer(layer, x, positions, shared_kv):
+    """One pre-norm layer of a PatternStack in float64 numpy: RMSNorm, optional RoPE, grouped-query attention within
+    the layer's window (over its own k/v, or over `shared_kv` for a query-only consumer), SwiGLU.
+    Returns (x, the k/v it attended over)."""
+    attn = layer.self_attention
+    proj = attn.input_linear
+    rope = proj.config.theta if isinstance(proj, RoPEProjection) else None
+    inner = proj.inner if rope is not None else proj
+
+    def rms(v, scale):
+        return v / np.sqrt(np.mean(v * v, -1, keepdims=True) + 1e-6) * np.asarray(scale[...], np.float64)
+
+    def rotate(v):
+        if rope is None:
+            return v
+        dh = v.shape[-1]
+        angles = positions[:, :, None, None] * rope ** (-np.arange(0, dh, 2) / dh)
+        v1, v2 = v[..., : dh // 2], v[..., dh // 2 :]
+        return np.concatenate(
+            [v1 * np.cos(angles) - v2 * np.sin(angles), v2 * np.cos(angles) + v1 * np.sin(angles)], -1
+        )
+
+    def project(h, w):
+        return np.einsum("btd,dhk->bthk", h, np.asarray(w[...], np.float64))
+
+    h = rms(x, layer.attention_norm.scale)
+    q = rotate(project(h, inner.q))
+    k, v = shared_kv if shared_kv is not None else (rotate(project(h, inner.k)), project(h, inner.v))
+    group = q.shape[2] // k.shape[2]
+    logits = np.einsum("bqhd,bkhd->bhqk", q, np.repeat(k, group, 2)) / np.sqrt(q.shape[-1])
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    window = attn.config.sliding_window
+    visible = (j <= i) & ((i - j <= window) if window is not None else True)
+    probs = np.exp(np.where(visible, logits, -np.inf) - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bkhd->bqhd", probs, np.repeat(v, group, 2))
+    x = x + np.einsum("bthk,hkd->btd", out, np.asarray(attn.output_linear.weight[...], np.float64))
+    h = rms(x, layer.feed_forward_norm.scale)
+    ffn = layer.feed_forward
+    gate, up = (h @ np.asarray(w[...], np.float64) for w in (ffn.wi_0, ffn.wi_1))
+    return x + (gate / (1 + np.exp(-gate)) * up) @ np.asarray(ffn.wo[...], np.float64), (k, v)
+
+
+def _np_pattern_stack(stack, x, positions):
+    """PatternStack in numpy: every second-block layer reads the k/v of the LAST first-block layer."""
+    x, positions = np.asarray(x, np.float64), np.asarray(positions, np.float64)
+    provided = None
+    for i, layer in enumerate(stack.layers):
+        consumer = i >= stack.num_kv_layers
+        x, kv = _np_layer(layer, x, positions, provided if consumer else None)
+        if not consumer:
+            provided = kv
+    return x
+
+
+PROVIDERS = {
+    # L G | L G: the provider (layer 1) is global without RoPE; consumers are local and global.
+    "global_provider": lambda: _global_local(kv_sharing=(1, 1)),
+    # G L | L L: the provider (layer 1) is local; consumers share its window.
+    "local_provider": lambda: PatternStack.default_config().set(
+        input_dim=DIM, num_layers=4, kv_sharing=(1, 1), pattern=[_layer(), _layer(3), _layer(3), _layer(3)]
+    ),
+}
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_pattern_stack_kv_sharing_matches_numpy_reference(provider):
+    stack = PROVIDERS[provider]().instantiate(rngs=nnx.Rngs(0))
+    assert stack.num_kv_layers == 2 and all(not layer.self_attention.input_linear.has_kv for layer in stack.layers[2:])
+    x, positions = _inputs()
+    want = _np_pattern_stack(stack, x, positions)
+    np.testing.assert_allclose(np.asarray(_run(stack, x, positions).x), want, rtol=1e-4, atol=1e-5)
+
+
 class _NoQKVAttention(Layer):
     class Config(Layer.Config):
         input_dim: Required[int] = REQUIRED

@@ -4,9 +4,11 @@ experiment, resuming from the latest checkpoint in the trainer dir."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +60,37 @@ def prepare(args: argparse.Namespace) -> Runner:
             print(f"axmini train: stopped by SIGTERM at step {result.step}; checkpoint saved", file=sys.stderr)
             return 128 + signal.SIGTERM
         if args.sample_prompt and trainer.input.vocabulary() is not None:  # Every process runs the sharded model.
-            text = sample_text(trainer, result.state, args.sample_prompt, max_new_tokens=64, temperature=0.7, seed=0)
+            try:
+                with _sigterm_raises():
+                    text = sample_text(
+                        trainer, result.state, args.sample_prompt, max_new_tokens=64, temperature=0.7, seed=0
+                    )
+            except _Terminated:
+                print("axmini train: training finished; sample skipped (SIGTERM)", file=sys.stderr)
+                return 0
             if jax.process_index() == 0:
                 print(f"sample (temperature 0.7, top-k 40, seed 0): {text}")
         return 0
 
     return run
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived while `_sigterm_raises` was active."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within this block SIGTERM raises `_Terminated` (e.g. to skip the sample of a finished run and exit 0)."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_result(result: Any) -> None:

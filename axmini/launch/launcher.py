@@ -4,10 +4,11 @@
     axmini launch tpu --name=run1 --instance_type=tpu-v5p-256 --num_slices=2 --image=IMG \\
         --renderer=jobset --dry_run -- --config=NAME ...
 
-Arguments after `--` go to `axmini train`; `--mesh_selector=<instance type>` is added for cluster runs. `--dry_run`
-prints exactly what would be submitted and needs neither credentials nor cloud tools. Without it the rendering is
-submitted with `kubectl apply -f -`, `xpk` or `bash` (running the gcloud script). Exit codes: 0 on success, 2 for a
-bad spec or a missing tool (one line each), otherwise the failing process's or tool's code.
+Arguments after `--` go to `axmini train` (a leading `train` or `axmini train` is taken as said once, not twice);
+`--mesh_selector=<instance type>` is added for cluster runs. `--dry_run` prints exactly what would be submitted and
+needs neither credentials nor cloud tools. Without it the rendering is submitted with `kubectl apply -f -`, `xpk` or
+`bash` (running the gcloud script). Exit codes: 0 on success, 2 for a bad spec or a missing tool (one line each),
+otherwise the failing process's or tool's code.
 """
 
 from __future__ import annotations
@@ -64,11 +65,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _split_train_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(the launcher's own arguments, the arguments of `axmini train`): those after `--`, without a leading
+    `train` / `axmini train` that would otherwise be doubled."""
     argv = list(argv)
-    if "--" in argv:
-        i = argv.index("--")
-        return argv[:i], argv[i + 1 :]
-    return argv, []
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    train_args = argv[i + 1 :]
+    for prefix in (list(TRAIN_PREFIX), list(TRAIN_PREFIX[1:])):
+        if train_args[: len(prefix)] == prefix:
+            return argv[:i], train_args[len(prefix) :]
+    return argv[:i], train_args
 
 
 def _spec_from_args(args: argparse.Namespace, train_args: list[str]) -> LaunchSpec:

@@ -2,7 +2,9 @@
 
 Each rendering is the real artifact, printed verbatim by `--dry_run` and submitted as is otherwise. The JobSet runs
 the command as an exec list (no shell); the xpk and gcloud renderings pass it through a shell, so every user value
-there is quoted with `shlex` (twice where a command travels inside another command's argument).
+there is quoted with `shlex` (twice where a command travels inside another command's argument). Kubernetes expands
+`$(VAR)` in a container's command and env values (`$$` is a `$`), so every user value that reaches a pod spec, ours
+or the one xpk writes, has its `$` doubled and arrives verbatim.
 """
 
 from __future__ import annotations
@@ -13,28 +15,39 @@ from typing import Any
 import yaml
 
 from axmini.launch import distributed
-from axmini.launch.spec import LaunchSpec, check, num_processes, train_command
+from axmini.launch.spec import (
+    REPLICATED_JOB,
+    XPK_GPU_DEVICES,
+    LaunchSpec,
+    check,
+    jobset_layout,
+    num_processes,
+    train_command,
+    xpk_tpu_type,
+)
 from axmini.mesh_rules import InstanceType, instance_type
 
 JOBSET_API_VERSION = "jobset.x-k8s.io/v1alpha2"
-REPLICATED_JOB = "slice"
+# Each TPU slice on a node pool of its own (a multi-slice run needs that; GPU hosts share a pool).
 EXCLUSIVE_TOPOLOGY = {"alpha.jobset.sigs.k8s.io/exclusive-topology": "cloud.google.com/gke-nodepool"}
-# Downward-API paths to a JobSet pod's slice (child job index) and host (completion index within its job).
-_JOB_INDEX = "metadata.annotations['jobset.sigs.k8s.io/job-index']"
+# Downward-API path to a pod's completion index within its job: the host of a TPU slice, the process of a GPU job.
 _COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
-# Cloud TPU accelerator-type prefix and default TPU VM software, per generation.
-_CLOUD_TPU = {
-    "v4": ("v4", "tpu-ubuntu2204-base"),
-    "v5p": ("v5p", "v2-alpha-tpuv5"),
-    "v5e": ("v5litepod", "v2-alpha-tpuv5-lite"),
-    "v6e": ("v6e", "v2-alpha-tpuv6e"),
+# What xpk's GPU pods define before the env it is given (xpk's get_gpu_env): Kubernetes expands these references.
+_XPK_GPU_ENV = {
+    distributed.ENV_COORDINATOR: "$(JAX_COORDINATOR_ADDRESS):$(JAX_COORDINATOR_PORT)",
+    distributed.ENV_PROCESS_ID: "$(NODE_RANK)",
+}
+_RUNTIME_VERSIONS = {  # default TPU VM software, per generation
+    "v4": "tpu-ubuntu2204-base",
+    "v5p": "v2-alpha-tpuv5",
+    "v5e": "v2-alpha-tpuv5-lite",
+    "v6e": "v2-alpha-tpuv6e",
 }
 
 
-def cloud_tpu_type(instance: str) -> str:
-    """The Cloud TPU accelerator type (gcloud, xpk) of a TPU instance type: tpu-v5e-256 -> v5litepod-256."""
-    _, generation, size = instance.split("-")
-    return f"{_CLOUD_TPU[generation][0]}-{size}"
+def kubernetes_literal(text: str) -> str:
+    """`text` as a container command or env value that Kubernetes leaves as it is (`$(VAR)` would be expanded)."""
+    return text.replace("$", "$$")
 
 
 def coordinator_address(spec: LaunchSpec) -> str:
@@ -48,19 +61,19 @@ def _pod_env(spec: LaunchSpec, instance: InstanceType) -> list[dict[str, Any]]:
             {"name": distributed.ENV_DISTRIBUTED, "value": "auto"},
             {"name": "JAX_COORDINATOR_ADDRESS", "value": coordinator_address(spec)},
         ]
-    else:
+    else:  # one job: the pod's completion index is its process id
         axmini_env = [
             {"name": distributed.ENV_COORDINATOR, "value": coordinator_address(spec)},
             {"name": distributed.ENV_NUM_PROCESSES, "value": str(num_processes(spec))},
-            {"name": distributed.ENV_NUM_SLICES, "value": str(spec.num_slices)},
-            {"name": distributed.ENV_SLICE_ID, "valueFrom": {"fieldRef": {"fieldPath": _JOB_INDEX}}},
-            {"name": distributed.ENV_HOST_ID, "valueFrom": {"fieldRef": {"fieldPath": _COMPLETION_INDEX}}},
+            {"name": distributed.ENV_PROCESS_ID, "valueFrom": {"fieldRef": {"fieldPath": _COMPLETION_INDEX}}},
         ]
-    return axmini_env + [{"name": key, "value": value} for key, value in sorted(spec.env.items())]
+    user_env = [{"name": key, "value": kubernetes_literal(value)} for key, value in sorted(spec.env.items())]
+    return axmini_env + user_env
 
 
 def jobset(spec: LaunchSpec) -> dict[str, Any]:
-    """The JobSet manifest: `num_slices` replicas of one job whose pods are the hosts of a slice."""
+    """The JobSet manifest: TPU: `num_slices` replicas of a job whose pods are the hosts of a slice; GPU: one job of
+    `num_slices` pods, one per host."""
     check(spec, "jobset")
     instance = instance_type(spec.instance_type)
     if instance.platform == "tpu":
@@ -72,7 +85,7 @@ def jobset(spec: LaunchSpec) -> dict[str, Any]:
     else:
         node_selector = {"cloud.google.com/gke-accelerator": instance.accelerator}
         limits = {"nvidia.com/gpu": instance.chips_per_host}
-    tolerations = []
+    tolerations = [] if instance.platform == "tpu" else [{"key": "nvidia.com/gpu", "operator": "Exists"}]
     if spec.provisioning == "spot":
         node_selector["cloud.google.com/gke-spot"] = "true"
         tolerations.append(
@@ -94,7 +107,7 @@ def jobset(spec: LaunchSpec) -> dict[str, Any]:
         {
             "name": "train",
             "image": spec.image,
-            "command": train_command(spec),
+            "command": [kubernetes_literal(arg) for arg in train_command(spec)],
             "env": _pod_env(spec, instance),
             "resources": {"limits": limits},
         }
@@ -102,8 +115,9 @@ def jobset(spec: LaunchSpec) -> dict[str, Any]:
     metadata: dict[str, Any] = {"name": spec.name, "namespace": spec.namespace}
     if spec.queue:
         metadata["labels"] = {"kueue.x-k8s.io/queue-name": spec.queue}
-    metadata["annotations"] = dict(EXCLUSIVE_TOPOLOGY)
-    hosts = instance.hosts_per_slice
+    if instance.platform == "tpu":
+        metadata["annotations"] = dict(EXCLUSIVE_TOPOLOGY)
+    jobs, pods = jobset_layout(spec)
     return {
         "apiVersion": JOBSET_API_VERSION,
         "kind": "JobSet",
@@ -114,11 +128,11 @@ def jobset(spec: LaunchSpec) -> dict[str, Any]:
             "replicatedJobs": [
                 {
                     "name": REPLICATED_JOB,
-                    "replicas": spec.num_slices,
+                    "replicas": jobs,
                     "template": {
                         "spec": {
-                            "parallelism": hosts,
-                            "completions": hosts,
+                            "parallelism": pods,
+                            "completions": pods,
                             "completionMode": "Indexed",
                             "backoffLimit": 0,  # any failed pod fails the slice; the JobSet restarts everything
                             "template": {"spec": pod_spec},
@@ -141,17 +155,19 @@ def xpk_argv(spec: LaunchSpec) -> list[str]:
     instance = instance_type(spec.instance_type)
     argv = ["xpk", "workload", "create", f"--cluster={spec.cluster}", f"--workload={spec.name}"]
     if instance.platform == "tpu":
-        argv += [f"--tpu-type={cloud_tpu_type(spec.instance_type)}", f"--num-slices={spec.num_slices}"]
-    else:  # xpk names GPU hosts by their accelerator: nvidia-h100-80gb -> h100-80gb-8.
-        device = f"{instance.accelerator.removeprefix('nvidia-')}-{instance.chips_per_host}"
-        argv += [f"--device-type={device}", f"--num-nodes={spec.num_slices}"]
-    argv += [f"--docker-image={spec.image}", f"--command={shlex.join(train_command(spec))}"]
+        argv += [f"--tpu-type={xpk_tpu_type(instance)}", f"--num-slices={spec.num_slices}"]
+        env = {distributed.ENV_DISTRIBUTED: "auto"}
+    else:
+        argv += [f"--device-type={XPK_GPU_DEVICES[instance.accelerator]}", f"--num-nodes={spec.num_slices}"]
+        env = {**_XPK_GPU_ENV, distributed.ENV_NUM_PROCESSES: str(num_processes(spec))}
+    command = kubernetes_literal(shlex.join(train_command(spec)))  # xpk puts it in the pod spec as it is
+    argv += [f"--docker-image={spec.image}", f"--command={command}"]
     argv += [f"--priority={spec.priority}", f"--max-restarts={spec.max_restarts}"]
     argv += [f"--project={spec.project}"] if spec.project else []
     argv += [f"--zone={spec.zone}"] if spec.zone else []
     argv += {"spot": ["--spot"], "reserved": [f"--reservation={spec.reservation}"]}.get(spec.provisioning, [])
-    env = {distributed.ENV_DISTRIBUTED: "auto"} if instance.platform == "tpu" else {}
-    for key, value in {**env, **dict(sorted(spec.env.items()))}.items():
+    env.update((key, kubernetes_literal(value)) for key, value in sorted(spec.env.items()))
+    for key, value in env.items():
         argv += ["--env", f"{key}={value}"]
     return argv
 
@@ -199,23 +215,25 @@ def _host_script(spec: LaunchSpec) -> str:
 def gcloud_script(spec: LaunchSpec) -> str:
     """A bash script: queue the TPU slices, wait until they are ACTIVE, run the command on every worker."""
     check(spec, "gcloud")
-    generation = spec.instance_type.split("-")[1]
-    runtime = spec.runtime_version or _CLOUD_TPU[generation][1]
+    instance = instance_type(spec.instance_type)
+    runtime = spec.runtime_version or _RUNTIME_VERSIONS[spec.instance_type.split("-")[1]]
     where = [f"--zone={spec.zone}"] + ([f"--project={spec.project}"] if spec.project else [])
     nodes = [spec.name] if spec.num_slices == 1 else [f"{spec.name}-{i}" for i in range(spec.num_slices)]
-    create = ["gcloud", "compute", "tpus", "queued-resources", "create", spec.name, *where]
-    create += [f"--accelerator-type={cloud_tpu_type(spec.instance_type)}", f"--runtime-version={runtime}"]
+    # A named reservation is taken only by the alpha track's --reservation; --reserved takes any matching one.
+    track = ["alpha"] if spec.reservation else []
+    create = ["gcloud", *track, "compute", "tpus", "queued-resources", "create", spec.name, *where]
+    create += [f"--accelerator-type={instance.cloud_tpu_type}", f"--runtime-version={runtime}"]
     if spec.num_slices == 1:
         create.append(f"--node-id={spec.name}")
     else:
         create += [f"--node-count={spec.num_slices}", f"--node-prefix={spec.name}"]
-    create += {"spot": ["--spot"], "reserved": ["--reserved"]}.get(spec.provisioning, [])
+    reserved = [f"--reservation={spec.reservation}"] if spec.reservation else ["--reserved"]
+    create += {"spot": ["--spot"], "reserved": reserved}.get(spec.provisioning, [])
     describe = ["gcloud", "compute", "tpus", "queued-resources", "describe", spec.name, *where]
     describe.append("--format=value(state.state)")
     remote = _host_script(spec)
     ssh = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", '"$node"', *where, "--worker=all", f"--command={remote}"]
     ssh_text = " ".join(arg if arg == '"$node"' else shlex.quote(arg) for arg in ssh)
-    instance = instance_type(spec.instance_type)
     return "\n".join(
         [
             "#!/usr/bin/env bash",
@@ -223,7 +241,7 @@ def gcloud_script(spec: LaunchSpec) -> str:
             f"{instance.chips_per_host}-chip hosts) on Cloud TPU queued resources.",
             "set -euo pipefail",
             "",
-            _multiline(create[:6], [[arg] for arg in create[6:]]),
+            _multiline(create[: 6 + len(track)], [[arg] for arg in create[6 + len(track) :]]),
             "",
             "while true; do",
             f"  state=$({shlex.join(describe)})",

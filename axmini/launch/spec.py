@@ -4,6 +4,10 @@ One spec renders to a GKE JobSet, an `xpk` command or a gcloud script (`axmini.l
 every problem as one line naming the field, the value and the fix; the launcher prints them and exits with code 2.
 The experiment's own mesh rules decide whether the hardware fits: the mesh they select for the instance type must
 cover exactly chips per slice x slices devices, so a run never starts on hardware its mesh cannot use.
+
+Each renderer's tool has limits of its own, checked here so that a rendering is never refused after submission:
+the JobSet webhook's pod-name length, xpk's 40-character names, its `--tpu-type` / `--device-type` vocabulary and
+the characters its manifests can carry.
 """
 
 from __future__ import annotations
@@ -39,7 +43,19 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _IMAGE = re.compile(r"[a-z0-9][\w.\-/:@]*")  # registry/path:tag or @sha256:digest, no spaces or shell syntax
 _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
 _PROJECT = re.compile(r"[a-z][-a-z0-9]{4,28}[a-z0-9]")
-_MAX_POD_HOSTNAME = 63  # a JobSet pod's hostname `<name>-slice-<slice>-<host>` is a DNS label
+_MAX_NAME = 63  # a DNS label: names of JobSets, jobs, pods, services, queued resources and TPU nodes
+# A JobSet's pods are named <name>-<replicated job>-<job index>-<pod index>-<5 random characters>; the JobSet webhook
+# refuses a JobSet whose longest pod name would not be a DNS label.
+REPLICATED_JOB = "slice"  # the one replicated job of our JobSets
+XPK_REPLICATED_JOB = "slice-job"  # the one replicated job of xpk's JobSets
+_POD_NAME_SUFFIX = "-abcde"  # the webhook counts the random suffix with this stand-in
+XPK_MAX_NAME = 40  # xpk refuses longer --workload and --cluster names
+XPK_MISSING_TPU_TYPES = ("v5litepod-1x1", "v5litepod-2x2")  # slices xpk has no --tpu-type for
+XPK_GPU_DEVICES = {"nvidia-h100-80gb": "h100-80gb-8", "nvidia-h200-141gb": "h200-141gb-8"}  # xpk --device-type
+# xpk writes env values (and a GPU job's command) into double-quoted YAML strings as they are, and the command into
+# a YAML block: these characters would end the string or the block.
+_XPK_UNQUOTABLE = re.compile(r'["\\\x00-\x08\x0a-\x1f\x7f]')
+_XPK_UNBLOCKABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class LaunchSpec(ConfigBase):
@@ -55,7 +71,7 @@ class LaunchSpec(ConfigBase):
     queue: str = ""  # Kueue LocalQueue (JobSet label kueue.x-k8s.io/queue-name)
     max_restarts: int = 0  # restarts of the whole job after a failure
     provisioning: Provisioning = "on-demand"
-    reservation: str = ""  # reservation name, with provisioning="reserved" (JobSet, xpk)
+    reservation: str = ""  # reservation name, with provisioning="reserved" (optional for gcloud: any matching one)
     project: str = ""  # GCP project (xpk, gcloud; default: gcloud's configured project)
     zone: str = ""  # GCP zone (required by gcloud)
     cluster: str = ""  # GKE cluster (required by xpk)
@@ -84,6 +100,16 @@ def num_processes(spec: LaunchSpec) -> int:
     return instance_type(spec.instance_type).hosts_per_slice * spec.num_slices
 
 
+def jobset_layout(spec: LaunchSpec) -> tuple[int, int]:
+    """(jobs, pods per job) of the spec's JobSet. TPU: a job per slice, a pod per host, each slice on a node pool of
+    its own. GPU: one job of a pod per host, as xpk and the JobSet docs lay out GPU node pools (a pool per host would
+    be needed otherwise)."""
+    instance = instance_type(spec.instance_type)
+    if instance.platform == "tpu":
+        return spec.num_slices, instance.hosts_per_slice
+    return 1, spec.num_slices
+
+
 def _flag_values(args: Sequence[str], *flags: str) -> list[str]:
     """The values of `--flag=value` and `--flag value` in `args`, in order, for any of `flags`."""
     values = []
@@ -110,13 +136,75 @@ def experiment_mesh_rules(experiment: str, overrides: Sequence[str] = ()) -> lis
     return list(rules) if rules else default_mesh_rules()
 
 
-def _check_name(field: str, value: str, errors: list[str], *, max_len: int = 63) -> None:
-    if not _DNS_1035.fullmatch(value) or len(value) > max_len:
-        fixed = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:max_len].strip("-")
-        fixed = fixed if fixed[:1].isalpha() else f"x-{fixed}".strip("-")
+def _name_suggestion(value: str, max_len: int) -> str:
+    """`value` made a DNS label of at most `max_len` characters."""
+    fixed = re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")
+    fixed = fixed if fixed[:1].isalpha() else f"x-{fixed}"
+    return fixed[:max_len].strip("-")
+
+
+def _check_name(field: str, value: str, errors: list[str], *, max_len: int = _MAX_NAME, why: str = "") -> None:
+    if _DNS_1035.fullmatch(value) and len(value) <= max_len:
+        return
+    if _DNS_1035.fullmatch(value) and why:
         errors.append(
-            f"spec.{field}={value!r} is not a valid name: use at most {max_len} lowercase letters, digits and '-', "
-            f"starting with a letter and ending with a letter or digit (e.g. {fixed!r})"
+            f"spec.{field}={value!r} is too long: {why}; use at most {max_len} characters "
+            f"(e.g. {_name_suggestion(value, max_len)!r})"
+        )
+        return
+    errors.append(
+        f"spec.{field}={value!r} is not a valid name: use at most {max_len} lowercase letters, digits and '-', "
+        f"starting with a letter and ending with a letter or digit (e.g. {_name_suggestion(value, max_len)!r})"
+    )
+
+
+def _name_limit(spec: LaunchSpec, renderer: str) -> tuple[int, str]:
+    """The longest spec.name that `renderer`'s tool accepts for this spec, and the rule that sets it."""
+    if renderer == "gcloud":  # the queued resource, and TPU nodes <name>-<slice> when there are several
+        suffix = f"-{spec.num_slices - 1}" if spec.num_slices > 1 else ""
+        return _MAX_NAME - len(suffix), f"the TPU node name {spec.name + suffix!r} is over {_MAX_NAME} characters"
+    jobs, pods = jobset_layout(spec)  # xpk's JobSets have as many jobs, and pod indices of as many digits
+    replicated_job = XPK_REPLICATED_JOB if renderer == "xpk" else REPLICATED_JOB
+    suffix = f"-{replicated_job}-{jobs - 1}-{pods - 1}{_POD_NAME_SUFFIX}"
+    if renderer == "xpk" and _MAX_NAME - len(suffix) > XPK_MAX_NAME:
+        return XPK_MAX_NAME, f"xpk refuses workload names over {XPK_MAX_NAME} characters"
+    longest_pod = spec.name + suffix
+    return _MAX_NAME - len(
+        suffix
+    ), f"the JobSet webhook refuses pod names over {_MAX_NAME} characters ({longest_pod!r})"
+
+
+def xpk_tpu_type(instance: InstanceType) -> str:
+    """xpk's name for the slice shape: <Cloud TPU prefix>-<topology> (v5p-4x4x8). Its size-named types are not always
+    the documented shape (xpk's v4-8192 is 4x4x256, not 16x16x16)."""
+    return f"{instance.cloud_tpu_type.rsplit('-', 1)[0]}-{instance.topology}"
+
+
+def _check_xpk(spec: LaunchSpec, instance: InstanceType, errors: list[str]) -> None:
+    """xpk's own vocabulary, and the characters its manifests can carry."""
+    if instance.platform == "tpu" and xpk_tpu_type(instance) in XPK_MISSING_TPU_TYPES:
+        errors.append(
+            f"spec.instance_type={spec.instance_type!r}: xpk has no --tpu-type for a {instance.topology} slice "
+            "(its v5e slices start at 2x4, v5litepod-8); use the jobset or gcloud renderer"
+        )
+    if instance.platform == "gpu" and instance.accelerator not in XPK_GPU_DEVICES:
+        errors.append(
+            f"spec.instance_type={spec.instance_type!r}: xpk has no --device-type for {instance.accelerator} "
+            "(its A100 type, a100-40gb-8, is the 40 GB one); use the jobset renderer"
+        )
+    for key, value in spec.env.items():
+        if _XPK_UNQUOTABLE.search(value):
+            errors.append(
+                f"spec.env[{key!r}]={value!r}: xpk writes env values into double-quoted YAML unescaped, so '\"', "
+                "'\\' and control characters break its manifest; drop them or use the jobset renderer"
+            )
+    command = " ".join(spec.command)
+    unsafe = (_XPK_UNQUOTABLE if instance.platform == "gpu" else _XPK_UNBLOCKABLE).search(command)
+    if unsafe:
+        where = "a double-quoted YAML string and a YAML block" if instance.platform == "gpu" else "a YAML block"
+        errors.append(
+            f"spec.command has {unsafe.group()!r}, which xpk cannot carry: it writes the command into {where} "
+            "unescaped; drop it or use the jobset renderer"
         )
 
 
@@ -130,9 +218,10 @@ def _check_mesh(spec: LaunchSpec, instance: InstanceType, rules: Sequence[MeshRu
             errors.append(f"spec.command (experiment {experiment!r}): {' '.join(str(e).split())}")
             return
     devices = instance.chips_per_slice * spec.num_slices
+    slices = spec.num_slices if instance.platform == "tpu" else 1  # jax sees GPU hosts as one slice
     try:
         rule = select_mesh_rule(spec.instance_type, rules)
-        resolve_mesh_shape(rule, devices, spec.num_slices)
+        resolve_mesh_shape(rule, devices, slices)
     except MeshRuleError as e:
         source = f"experiment {experiment!r}" if experiment else "the default mesh rules"
         errors.append(
@@ -167,18 +256,14 @@ def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] 
     if not 0 < spec.coordinator_port < 65536:
         errors.append(f"spec.coordinator_port={spec.coordinator_port} must be a TCP port (1..65535)")
 
-    _check_name("name", spec.name, errors)
-    if instance is not None and spec.num_slices >= 1 and _DNS_1035.fullmatch(spec.name):
-        longest = f"{spec.name}-slice-{spec.num_slices - 1}-{instance.hosts_per_slice - 1}"
-        if len(longest) > _MAX_POD_HOSTNAME:
-            keep = len(spec.name) - (len(longest) - _MAX_POD_HOSTNAME)
-            errors.append(
-                f"spec.name={spec.name!r} is too long: pod hostname {longest!r} exceeds {_MAX_POD_HOSTNAME} "
-                f"characters; shorten the name to at most {keep} characters"
-            )
+    if instance is not None and spec.num_slices >= 1 and renderer in RENDERERS:
+        max_len, why = _name_limit(spec, renderer)
+        _check_name("name", spec.name, errors, max_len=max_len, why=why)
+    else:
+        _check_name("name", spec.name, errors)
     for field in ("cluster", "queue", "reservation"):
         if getattr(spec, field):
-            _check_name(field, getattr(spec, field), errors, max_len=40 if field == "cluster" else 63)
+            _check_name(field, getattr(spec, field), errors, max_len=XPK_MAX_NAME if field == "cluster" else _MAX_NAME)
     _check_name("namespace", spec.namespace, errors)
     if spec.project and not _PROJECT.fullmatch(spec.project):
         errors.append(f"spec.project={spec.project!r} is not a GCP project id (6-30 of a-z, 0-9, '-')")
@@ -221,6 +306,8 @@ def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] 
             errors.append(f"renderer='gcloud' creates TPU VMs; for {spec.instance_type!r} use jobset or xpk")
         elif spec.num_slices >= 1:
             _check_mesh(spec, instance, mesh_rules, errors)
+        if renderer == "xpk" and instance.platform in ("tpu", "gpu"):
+            _check_xpk(spec, instance, errors)
     return errors
 
 

@@ -16,12 +16,14 @@ import jax.numpy as jnp
 
 from axmini.config import (
     REQUIRED,
+    ConfigBase,
     ConfigValueError,
     Required,
     check_non_negative,
     check_positive,
     config_path,
     fill_child,
+    find_configs,
 )
 from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
@@ -30,6 +32,11 @@ from axmini.layers.transformer import RepeatedStack
 from axmini.module import Layer, shard_activation
 
 Array = jax.Array
+
+
+def _is_non_causal(cfg: ConfigBase) -> bool:
+    """A config whose class declares `causal = False` (e.g. expert-choice routing)."""
+    return getattr(getattr(cfg, "klass", None), "causal", True) is False
 
 
 class DecoderOutput(NamedTuple):
@@ -65,6 +72,12 @@ class Decoder(Layer):
         if not 0 <= cfg.pad_id < cfg.vocab_size:
             raise ConfigValueError(
                 f"{config_path(cfg, 'pad_id')}={cfg.pad_id} is not a token id of vocab_size={cfg.vocab_size}"
+            )
+        for child_path, child in find_configs(cfg.stack, _is_non_causal):
+            raise ConfigValueError(
+                f"{config_path(cfg, 'stack')}.{child_path}: {child.klass.__name__} is not causal (a token's output "
+                "would depend on later tokens), so a causal decoder cannot use it; use a causal alternative (for MoE "
+                "routing: TopKGating, token choice)"
             )
         embedding = fill_child(cfg.embedding, parent=cfg, num_embeddings=cfg.vocab_size, dim=cfg.dim)
         self.embedding = embedding.instantiate(rngs=rngs)

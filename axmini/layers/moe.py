@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.nnx as nnx
 import jax
@@ -88,7 +88,13 @@ class RouterScore(enum.Enum):
 
 
 class BaseGating(Configurable, nnx.Module):
-    """Maps router logits [G, S, E] (float32) to a `Routing`. No parameters: the router is the MoE's."""
+    """Maps router logits [G, S, E] (float32) to a `Routing`. No parameters: the router is the MoE's.
+
+    `causal`: whether a token's routing depends only on itself and earlier tokens. A causal decoder refuses
+    a non-causal gating (see `Decoder`).
+    """
+
+    causal: ClassVar[bool] = True
 
     class Config(Configurable.Config):
         num_experts: Required[int] = REQUIRED  # Filled by the MoE layer.
@@ -174,8 +180,12 @@ class TopKGating(BaseGating):
 class ExpertChoiceGating(BaseGating):
     """Expert choice (EC-DIT, arXiv 2410.02098): each expert takes its top-C tokens of a group by softmax
     score, C = ceil(S * capacity_factor / E) (at most S). Every expert is full by construction, so no
-    load-balance loss is needed. A token's routing depends on the whole sequence, so it is not causal.
+    load-balance loss is needed. A token's routing depends on the whole sequence, so it is not causal: a
+    causal decoder refuses it (training would see the future, and one-token decoding would give every token
+    to every expert). It suits non-causal models (encoders, diffusion transformers as in EC-DIT).
     """
+
+    causal: ClassVar[bool] = False
 
     class Config(BaseGating.Config):
         train_capacity_factor: float = 2.0

@@ -29,6 +29,14 @@ def mfu(tokens_per_second: float, num_params: int, num_chips: int, peak_flops_pe
     return tokens_per_second * model_flops_per_token(num_params) / (num_chips * peak_flops_per_chip)
 
 
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line (a line cut short by a crash counts as after every step)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class SummaryWriter(Configurable):
     """Writes scalar metrics to TensorBoard and to `<dir>/metrics.jsonl`."""
 
@@ -41,15 +49,27 @@ class SummaryWriter(Configurable):
         self._is_writer = jax.process_index() == 0
         self._tensorboard: Any = None
         self._jsonl: Any = None
+        self._start_step = 0
+
+    def start_at(self, step: int) -> None:
+        """Declares that training (re)starts after `step`: records of later steps, left by a run that crashed
+        after its last checkpoint, are dropped when the files are opened, so each step is logged once and a plot
+        of the logs is a single curve. Call before the first `write`."""
+        self._start_step = step
 
     def _open(self) -> None:
         path = Path(self.config.dir)
         path.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(path / "metrics.jsonl", "a", encoding="utf-8")
+        jsonl = path / "metrics.jsonl"
+        if jsonl.exists():
+            kept = [line for line in jsonl.read_text(encoding="utf-8").splitlines() if _step(line) <= self._start_step]
+            jsonl.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        self._jsonl = open(jsonl, "a", encoding="utf-8")
         if self.config.tensorboard:
             from tensorboardX import SummaryWriter as TensorBoardWriter
 
-            self._tensorboard = TensorBoardWriter(str(path / "tensorboard"))
+            # TensorBoard hides events at or after purge_step from earlier files of the same run.
+            self._tensorboard = TensorBoardWriter(str(path / "tensorboard"), purge_step=self._start_step + 1)
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         """Records `metrics` at `step` as `<prefix>/<name>` (non-finite values are kept as strings in JSON)."""

@@ -357,13 +357,16 @@ class Trainer(Configurable):
         writer: SummaryWriter = cfg.summary_writer.instantiate()
         state = self.restore_or_init(checkpointer)
         step = int(jax.device_get(state["step"]))
+        writer.start_at(step)
         losses: dict[int, float] = {}
         eval_metrics: dict[str, float] = {}
         tokens_per_step = cfg.input.global_batch_size * cfg.input.sequence_length
         bar = ProgressBar(step, cfg.max_step, enabled=cfg.progress_bar)
         preempted = False
-        try:
-            with _preemption_notice() as preemption_requested:
+        # SIGTERM only sets a flag until the final checkpoint is on storage: a signal that arrives after the last
+        # step (during the final evaluation or save) lets the run finish normally.
+        with _preemption_notice() as preemption_requested:
+            try:
                 batches: Iterator[Batch] = self.input.batches(step)
                 self.compiled_train_step()  # Compile before timing the first step.
                 tick = time.perf_counter()
@@ -383,16 +386,16 @@ class Trainer(Configurable):
                         writer.write(step, eval_metrics, prefix="eval")
                         tick = time.perf_counter()
                     checkpointer.save(step, state, {"input_position": step})
-                    if preemption_requested(step):
+                    if step < cfg.max_step and preemption_requested(step):
                         preempted = True
                         break
-            if self.evaluator.enabled and not eval_metrics and not preempted:
-                eval_metrics = self.evaluate(state)  # Resumed at max_step: report the final model anyway.
-            checkpointer.save(step, state, {"input_position": step}, force=True)
-        finally:
-            bar.close()
-            checkpointer.close()
-            writer.close()
+                if self.evaluator.enabled and not eval_metrics and not preempted:
+                    eval_metrics = self.evaluate(state)  # Resumed at max_step: report the final model anyway.
+                checkpointer.save(step, state, {"input_position": step}, force=True)
+            finally:
+                bar.close()
+                checkpointer.close()
+                writer.close()
         return TrainResult(step, losses, eval_metrics, preempted, state)
 
     def _speed(self, tokens_per_second: float) -> dict[str, float]:

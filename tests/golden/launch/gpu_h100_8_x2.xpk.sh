@@ -8,4 +8,7 @@ xpk workload create \
   --priority=medium \
   --max-restarts=1 \
   --project=my-proj \
-  --zone=us-east5-a
+  --zone=us-east5-a \
+  --env 'AXMINI_COORDINATOR=$(JAX_COORDINATOR_ADDRESS):$(JAX_COORDINATOR_PORT)' \
+  --env 'AXMINI_PROCESS_ID=$(NODE_RANK)' \
+  --env AXMINI_NUM_PROCESSES=2

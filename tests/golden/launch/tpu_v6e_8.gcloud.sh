@@ -2,13 +2,13 @@
 # llm-run: 1 x tpu-v6e-8 (per slice: 1 x 8-chip hosts) on Cloud TPU queued resources.
 set -euo pipefail
 
-gcloud compute tpus queued-resources create llm-run \
+gcloud alpha compute tpus queued-resources create llm-run \
   --zone=us-east5-a \
   --project=my-proj \
   --accelerator-type=v6e-8 \
   --runtime-version=v2-alpha-tpuv6e \
   --node-id=llm-run \
-  --reserved
+  --reservation=my-res
 
 while true; do
   state=$(gcloud compute tpus queued-resources describe llm-run --zone=us-east5-a --project=my-proj '--format=value(state.state)')

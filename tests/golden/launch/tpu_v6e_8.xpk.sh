@@ -1,7 +1,7 @@
 xpk workload create \
   --cluster=tpu-cluster \
   --workload=llm-run \
-  --tpu-type=v6e-8 \
+  --tpu-type=v6e-2x4 \
   --num-slices=1 \
   --docker-image=us-docker.pkg.dev/my-proj/axmini/axmini:2026.11 \
   '--command=axmini train --trainer.max_step=100 --mesh_selector=tpu-v6e-8' \
