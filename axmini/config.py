@@ -30,7 +30,7 @@ import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
-from ml_collections.config_flags import config_path
+from ml_collections.config_flags import config_path as dotted_path_parser
 
 T = TypeVar("T")
 C = TypeVar("C", bound="ConfigBase")
@@ -90,6 +90,11 @@ class ConfigTypeError(ConfigError, TypeError):
 
 class FrozenConfigError(ConfigError, AttributeError):
     """An attempt to change the config an object was built from."""
+
+
+class ConfigValueError(ConfigError, ValueError):
+    """A value that the object a config builds refuses (a non-positive size, dims that do not divide...): raised
+    by `check_positive`, `fill_child` and every other config check, so callers tell bad input from a bug."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,8 +407,7 @@ class InstantiableConfig(ConfigBase):
 
     def required_fields_missing(self) -> list[str]:
         """Paths of this config's own REQUIRED fields (not those of child configs, which parents fill)."""
-        prefix = getattr(self, "_path", "")
-        return [f"{prefix}.{name}".lstrip(".") for name, value in self.items() if value is REQUIRED]
+        return [config_path(self, name) for name, value in self.items() if value is REQUIRED]
 
     def _check_required(self, provided: Mapping[str, Any] = ()) -> None:
         missing = [path for path in self.required_fields_missing() if path.rsplit(".", 1)[-1] not in provided]
@@ -417,13 +421,60 @@ class InstantiableConfig(ConfigBase):
 
 def _stamp_paths(cfg: ConfigBase, prefix: str) -> None:
     """Records each sub-config's dotted path in the tree, so errors raised while building name it."""
-    object.__setattr__(cfg, "_path", prefix)
+    object.__setattr__(cfg, "_tree_path", prefix)
 
     def stamp(path: str, value: Any) -> None:
         if isinstance(value, ConfigBase):
-            object.__setattr__(value, "_path", path)
+            object.__setattr__(value, "_tree_path", path)
 
     visit(cfg, stamp, prefix)
+
+
+def config_path(cfg: ConfigBase, field: str | None = None) -> str:
+    """The dotted path of `cfg` (or of its `field`) in the config tree being built: what an error names.
+
+    Building a config records the path of each of its sub-configs, relative to the config built first (the root), so
+    a path is what `--set` takes (`model.stack.layer.self_attention.num_heads`). A field of the root is its bare name
+    (`max_step`); the root itself is named by its class (`Decoder`).
+    """
+    base = getattr(cfg, "_tree_path", "")
+    if field is None:
+        return base or type(cfg).__qualname__.removesuffix(".Config")
+    return f"{base}.{field}" if base else field
+
+
+def check_positive(cfg: ConfigBase, *fields: str) -> None:
+    """Refuses any of `fields` of `cfg` that is set (not None) and not > 0, naming it by its path."""
+    for name in fields:
+        value = getattr(cfg, name)
+        if value is not None and not value > 0:
+            raise ConfigValueError(f"{config_path(cfg, name)}={value} must be positive")
+
+
+def check_non_negative(cfg: ConfigBase, *fields: str) -> None:
+    """Refuses any of `fields` of `cfg` that is set (not None) and negative, naming it by its path."""
+    for name in fields:
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise ConfigValueError(f"{config_path(cfg, name)}={value} must be >= 0")
+
+
+def fill_child(child: C, *, parent: ConfigBase, **values: Any) -> C:
+    """A copy of the `child` config with the fields its `parent` owns (the dims they share) set to `values`.
+
+    A field already set to another value is a conflict (e.g. qk_norm.input_dim != head_dim): it is refused, never
+    silently overwritten. Every parent writes its children's dims through here.
+    """
+    result = child.clone()
+    for name, value in values.items():
+        current = getattr(result, name, REQUIRED)  # An unknown name is refused by the assignment below.
+        if current is not REQUIRED and current != value:
+            raise ConfigValueError(
+                f"{config_path(child, name)}={current!r} conflicts with {value!r} required by {config_path(parent)}; "
+                f"leave {name} unset (the parent fills it) or make it equal"
+            )
+        setattr(result, name, value)
+    return result
 
 
 class Configurable:
@@ -435,7 +486,7 @@ class Configurable:
         def instantiate(self, **kwargs: Any) -> Any:
             if self.klass is None:
                 raise RequiredFieldMissingError(f"{type(self).__qualname__}.klass is not set; use Foo.default_config()")
-            _stamp_paths(self, getattr(self, "_path", ""))
+            _stamp_paths(self, getattr(self, "_tree_path", ""))
             self._check_required()
             return self.klass(self, **kwargs)
 
@@ -443,11 +494,18 @@ class Configurable:
     def default_config(cls) -> Config:
         return cls.Config(klass=cls)
 
+    @classmethod
+    def matches(cls, cfg: Any) -> bool:
+        """Whether `cfg` builds this class or a subclass of it: how the fillers of a slot are found in a tree
+        (`find_configs(tree, Attention.matches)`), by class rather than by the fields a config happens to have."""
+        klass = getattr(cfg, "klass", None)
+        return isinstance(cfg, Configurable.Config) and isinstance(klass, type) and issubclass(klass, cls)
+
     def __init__(self, cfg: Configurable.Config):
         if not isinstance(cfg, self.Config):
             expected, got = self.Config.__qualname__, type(cfg).__qualname__
             raise ConfigTypeError(f"{type(self).__name__} needs a {expected}, got {got}")
-        path = getattr(cfg, "_path", "")
+        path = getattr(cfg, "_tree_path", "")
         self._config = cfg.freeze()
         _stamp_paths(self._config, path)
 
@@ -668,7 +726,7 @@ def parse_value(text: str, hint: Any, path: str) -> Any:
 def _resolve(cfg: ConfigBase, path: str) -> tuple[Any, str | int, Any]:
     """Walks `path` and returns (parent node, last key, declared type of the target)."""
     try:
-        parts = config_path.split(path)
+        parts = dotted_path_parser.split(path)
     except ValueError:
         raise UnknownFieldError(f"cannot parse config path {path!r} (expected e.g. model.decoder.num_layers)") from None
     node: Any = cfg

@@ -21,7 +21,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from axmini.config import ConfigBase, ConfigModifier
+from axmini.config import ConfigBase, ConfigModifier, ConfigValueError
 
 MESH_AXES = ("data", "fsdp", "expert", "seq", "model")
 
@@ -43,7 +43,7 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshRuleError(ValueError):
+class MeshRuleError(ConfigValueError):
     """A mesh rule that does not fit the hardware or the instance type."""
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -104,12 +105,18 @@ class Layer(Configurable, nnx.Module):
         return nnx.Param(value, axes=tuple(axes))
 
     def add_aux_loss(self, name: str, value: jax.Array) -> None:
-        """Sows a scalar loss term; repeated calls in one step add up."""
-        self.sow(AuxLoss, name, value, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
+        """Sows a scalar loss term for the enclosing `capture_aux`; repeated calls in one step add up."""
+        self._sow(AuxLoss, name, value, init_fn=lambda: 0.0, reduce_fn=lambda a, b: a + b)
 
     def add_summary(self, name: str, value: jax.Array) -> None:
-        """Sows a value to log; repeated calls in one step keep the last."""
-        self.sow(Summary, name, value, init_fn=lambda: None, reduce_fn=lambda a, b: b)
+        """Sows a value to log for the enclosing `capture_aux`; repeated calls in one step keep the last."""
+        self._sow(Summary, name, value, init_fn=lambda: None, reduce_fn=lambda a, b: b)
+
+    def _sow(self, kind: type[nnx.Variable], name: str, value: jax.Array, **reduce: Callable) -> None:
+        # Sown values are collected by nnx.capture, which marks every module it runs with `__captures__`. Outside
+        # one nobody reads them, and flax 0.12 deprecates keeping them on the module: they are dropped.
+        if hasattr(self, "__captures__"):
+            self.sow(kind, name, value, **reduce)
 
 
 def _path_string(path: Sequence[Any]) -> str:
@@ -132,9 +139,39 @@ def capture_aux(fn: Callable[..., Any], model: nnx.Module, *args: Any, **kwargs:
     return AuxCapture(output, _flat_values(losses), _flat_values(summaries))
 
 
-def pop_aux(model: nnx.Module, kind: type[nnx.Variable] = AuxLoss) -> dict[str, jax.Array]:
-    """Removes values of `kind` sown outside `capture_aux` from `model`, as {module path/name: value}."""
-    return _flat_values(nnx.pop(model, kind))
+def stack_modules(cfg: Layer.Config, num: int, *, axis: str, rngs: nnx.Rngs) -> nnx.Module:
+    """`num` independent modules built from `cfg`, as one module whose parameters have a leading dim of size `num`
+    with logical axis `axis` (`layers` for a scanned stack, `track` for parallel tracks): run them with
+    jax.lax.scan or jax.vmap over that dim."""
+    module = _create_stacked(cfg.freeze(), num, rngs)
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, nnx.Param):
+            axes = node.get_metadata().get("axes") or (None,) * (node.get_value().ndim - 1)
+            node.set_metadata(axes=(axis, *axes))
+    return module
+
+
+@functools.partial(nnx.jit, static_argnums=(0, 1))
+def _create_stacked(cfg: Layer.Config, num: int, rngs: nnx.Rngs) -> nnx.Module:
+    """Initializes the copies in one compiled call (eagerly, vmapped initializers compile op by op)."""
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> nnx.Module:
+        return cfg.instantiate(rngs=rngs)
+
+    return create(rngs)
+
+
+def resow(module: nnx.Module, losses: nnx.State, summaries: nnx.State) -> None:
+    """Sows on a stacked `module` what its copies sowed inside a scan or vmap (captured per copy there, so each
+    value leads with the stacked dim): aux losses summed over the copies (a scalar, as from one module), summaries
+    kept stacked."""
+    modules = dict(nnx.iter_modules(module))
+    for path, variable in nnx.to_flat_state(losses):
+        modules[path[:-1]].add_aux_loss(path[-1], jnp.sum(variable.get_value(), axis=0))
+    for path, variable in nnx.to_flat_state(summaries):
+        modules[path[:-1]].add_summary(path[-1], variable.get_value())
 
 
 # ----------------------------------------------------------------------------------------------------

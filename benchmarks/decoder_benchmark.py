@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from axmini.decoding import generate
 from axmini.layers.decoder import Decoder
-from axmini.layers.decoding import generate
 from axmini.module import count_params
 from experiments.decoders import DecoderShape, decoder_config, llama_decoder, tiny_decoder
 

@@ -7,8 +7,11 @@
   width 2048, 16 heads / 2 KV heads, SwiGLU 6656, qk-norm, tied embeddings, RoPE theta 5e5, vocab 153600,
   KV-cache sharing between a 35-layer and a 21-layer block (5:3).
 - `afm_on_device_global_local()`: the same with 3 local (window 4096, RoPE) : 1 global (NoPE) layers.
+- `pt_moe_tiny()`, `pt_moe_large()`: Parallel-Track MoE decoders (tracks of blocks, MoE every other layer).
+- `rattention_variant(model)`: any of them with RAttention (KV sharing off, 3 local RAttention : 1 global).
 
-`MODELS` maps each name to its function; tests keep a golden file of each config and its parameter shapes.
+`MODELS` maps the dense models' names to their functions; tests keep a golden file of each config and its parameter
+shapes (the PT-MoE and RAttention models have golden files as experiments, `experiments/variants.py`).
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
-from axmini.config import FunctionConfigBase, config_for_function
+from axmini.config import ConfigBase, ConfigValueError, FunctionConfigBase, config_for_function, map_configs
 from axmini.layers.attention import Attention, QKVProjection
 from axmini.layers.decoder import Decoder
 from axmini.layers.feed_forward import FeedForward, FeedForwardActivation, scale_hidden_dim
 from axmini.layers.linear import Linear
+from axmini.layers.moe import MoE, MoEModifier, TopKGating
 from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPEProjection
-from axmini.layers.transformer import GlobalLocalModifier, RepeatedStack, TransformerLayer
+from axmini.layers.pt_moe import ParallelTrackStack
+from axmini.layers.rattention import RAttentionLayout, RAttentionModifier
+from axmini.layers.transformer import BaseStack, GlobalLocalModifier, RepeatedStack, TransformerLayer
 from axmini.module import normal
 
 
@@ -82,7 +88,7 @@ def decoder_config(shape: DecoderShape) -> Decoder.Config:
 def llama_decoder(size: str) -> Decoder.Config:
     """A Llama-style decoder of `size`: one of "tiny", "100m", "1b", "7b", "70b"."""
     if size not in _LLAMA_SIZES:
-        raise ValueError(f"llama_decoder: unknown size {size!r}; choose one of {sorted(_LLAMA_SIZES)}")
+        raise ConfigValueError(f"llama_decoder: unknown size {size!r}; choose one of {sorted(_LLAMA_SIZES)}")
     return decoder_config(_LLAMA_SIZES[size])
 
 
@@ -120,6 +126,100 @@ def afm_on_device_global_local() -> Decoder.Config:
     cfg = decoder_config(_AFM_ON_DEVICE._replace(kv_sharing=(9, 5)))
     modifier = GlobalLocalModifier.default_config().set(local_layers=3, global_layers=1, sliding_window=4096)
     return modifier.instantiate()(cfg)
+
+
+def pt_moe_decoder(
+    *,
+    vocab_size: int,
+    dim: int,
+    num_tracks: int,
+    num_blocks: int,
+    block_depth: int,
+    num_heads: int,
+    num_kv_heads: int,
+    hidden_dim: int,
+    num_experts: int,
+    top_k: int,
+    sliding_window: int | None,
+    local_layers: int = 3,
+    global_layers: int = 1,
+) -> Decoder.Config:
+    """A PT-MoE decoder: tracks of blocks whose layers are RoPE attention + SwiGLU, with every other
+    feed-forward an MoE (track-local experts), and `local_layers` sliding-window : `global_layers` global
+    (NoPE) attention inside each block when `sliding_window` is set."""
+    attention = Attention.default_config().set(
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        input_linear=RoPEProjection.default_config().set(theta=500000.0, inner=QKVProjection.default_config()),
+    )
+    layer = TransformerLayer.default_config().set(
+        self_attention=attention, feed_forward=FeedForward.default_config().set(hidden_dim=hidden_dim)
+    )
+    stack = ParallelTrackStack.default_config().set(
+        num_layers=num_blocks * block_depth,
+        num_tracks=num_tracks,
+        block_depth=block_depth,
+        block=RepeatedStack.default_config().set(layer=layer),
+    )
+    cfg = Decoder.default_config().set(
+        vocab_size=vocab_size, dim=dim, stack=stack, output_norm=RMSNorm.default_config()
+    )
+    cfg.embedding.param_init = config_for_function(normal, stddev=0.02)
+    if sliding_window is not None:
+        cfg = (
+            GlobalLocalModifier.default_config()
+            .set(local_layers=local_layers, global_layers=global_layers, sliding_window=sliding_window)
+            .instantiate()(cfg)
+        )
+    gating = TopKGating.default_config().set(top_k=top_k)
+    moe = MoE.default_config().set(num_experts=num_experts, gating=gating)
+    return MoEModifier.default_config().set(moe=moe, every=2).instantiate()(cfg)
+
+
+def pt_moe_tiny() -> Decoder.Config:
+    """2 tracks x 2 blocks of 4 layers (3 local : 1 global, MoE every other layer, top-2 of 4), width 64."""
+    return pt_moe_decoder(
+        vocab_size=2048,
+        dim=64,
+        num_tracks=2,
+        num_blocks=2,
+        block_depth=4,
+        num_heads=4,
+        num_kv_heads=2,
+        hidden_dim=128,
+        num_experts=4,
+        top_k=2,
+        sliding_window=64,
+    )
+
+
+def pt_moe_large() -> Decoder.Config:
+    """A server-scale PT-MoE shape to inspect with `build_abstract` (32.0B parameters, about 6.7B active):
+    4 tracks x 6 blocks of 4 layers, width 2048, 16 heads / 2 KV heads, 3 local (window 4096) : 1 global,
+    top-2-of-16 MoE every other layer. An illustration of the architecture, not Apple's published sizes."""
+    return pt_moe_decoder(
+        vocab_size=153600,
+        dim=2048,
+        num_tracks=4,
+        num_blocks=6,
+        block_depth=4,
+        num_heads=16,
+        num_kv_heads=2,
+        hidden_dim=6144,
+        num_experts=16,
+        top_k=2,
+        sliding_window=4096,
+    )
+
+
+def rattention_variant(
+    model: ConfigBase, *, sliding_window: int = 512, layout: RAttentionLayout = RAttentionLayout.LOCAL_GLOBAL
+) -> ConfigBase:
+    """The RAttention variant of a model config: KV sharing off (RAttention keeps its own keys), then
+    `RAttentionModifier` with `layout` (default: 3 local RAttention : 1 global NoPE attention, window 512)."""
+    model = map_configs(model, BaseStack.matches, lambda stack: stack.set(kv_sharing=None))
+    modifier = RAttentionModifier.default_config().set(sliding_window=sliding_window, layout=layout)
+    return modifier.instantiate()(model)
 
 
 MODELS: dict[str, Callable[[], Decoder.Config]] = {

@@ -83,7 +83,13 @@ _SCHEDULES = {
 
 
 def _model_experiment(name: str) -> None:
-    schedule = _SCHEDULES.get(name, _SCHEDULES["llama_1b"])
+    """Registers `experiments.decoders.MODELS[name]` as an experiment at the schedule of its scale."""
+    if name not in _SCHEDULES:
+        raise LookupError(
+            f"experiments.decoders.MODELS[{name!r}] has no schedule in experiments.lm._SCHEDULES; add its batch, "
+            "sequence length and schedule there (no default: another scale's schedule would train it silently wrong)"
+        )
+    schedule = _SCHEDULES[name]
 
     def experiment() -> Trainer.Config:
         return lm_trainer(MODELS[name](), schedule)

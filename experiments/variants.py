@@ -7,11 +7,10 @@ Each is the base experiment with one config modifier applied (or, for PT-MoE, an
 from __future__ import annotations
 
 from axmini.features import FEATURES
-from axmini.layers.pt_moe import pt_moe_large, pt_moe_tiny
-from axmini.layers.rattention import RAttentionLayout, rattention_variant
+from axmini.layers.rattention import RAttentionLayout
 from axmini.trainer.trainer import Trainer
 from experiments import register
-from experiments.decoders import afm_on_device
+from experiments.decoders import afm_on_device, pt_moe_large, pt_moe_tiny, rattention_variant
 from experiments.lm import _SCHEDULES, TINY_SCHEDULE, lm_trainer, tiny
 
 

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from axmini.launch.cli import main
+from axmini.cli import main
+from axmini.layers.embedding import Embedding
 
 
 def snapshot(root: pathlib.Path) -> dict[str, str]:
@@ -88,6 +89,42 @@ def test_sample_without_a_checkpoint_fails_and_writes_nothing(tmp_path, capsys):
     assert snapshot(run) == before
 
 
+def test_a_value_a_layer_refuses_is_a_one_line_error_naming_its_path(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--config=tiny", "--set=model.stack.layer.self_attention.num_heads=3", f"--trainer_dir={run}"]
+    fails_in_one_line(capsys, argv, "model.stack.layer.self_attention.num_heads=3 is not divisible by")
+    assert not run.exists()
+
+
+def test_a_bug_during_setup_raises_with_its_traceback_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    def bug(self, cfg, *, rngs):
+        raise ValueError("injected bug")  # Not a config check: a ValueError from a layer's own code.
+
+    monkeypatch.setattr(Embedding, "__init__", bug)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="injected bug"):
+        main(["train", "--config=tiny", f"--trainer_dir={run}"])
+    assert "error" not in capsys.readouterr().err and not run.exists()
+
+
+def test_a_bug_during_setup_exits_with_code_1_and_its_traceback():
+    program = (
+        "import sys\n"
+        "import axmini.layers.rattention as rattention\n"
+        "def bug(*args, **kwargs):\n"
+        "    raise RuntimeError('injected bug')\n"
+        "rattention.to_rattention = bug\n"
+        "from axmini.cli import main\n"
+        "sys.exit(main(['configs', 'show', 'tiny_rattention']))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback (most recent call last)" in result.stderr, result.stderr
+    assert result.stderr.strip().endswith("RuntimeError: injected bug"), result.stderr
+    assert "axmini configs: error" not in result.stderr
+
+
 def test_usage_errors_are_one_line(capsys):
     fails_in_one_line(capsys, ["train"], "--config")
     fails_in_one_line(capsys, ["bogus"], "invalid choice")
@@ -152,8 +189,8 @@ def test_train_then_sample_end_to_end(tmp_path, capsys):
 # closing sample starts.
 RUN_WITH_HOOKS = """
 import os, signal, sys
-import axmini.layers.decoding
-import axmini.launch.cli
+import axmini.decoding
+import axmini.cli
 from axmini.trainer.checkpointer import Checkpointer
 from axmini.trainer.summary import SummaryWriter
 
@@ -178,13 +215,13 @@ if mode == "crash":
     SummaryWriter.write = write_then_crash
 else:
     Checkpointer.save = sigterm_then_save
-    generate = axmini.layers.decoding.generate
-    axmini.layers.decoding.generate = sigterm_then_generate
+    generate = axmini.decoding.generate
+    axmini.decoding.generate = sigterm_then_generate
 small = ["max_step=5", "log_every_n_steps=1", "checkpointer.save_every_n_steps=2", "checkpointer.async_save=False",
          "model.dim=32", "model.stack.num_layers=1", "input.sequence_length=32", "evaluator.input.sequence_length=32",
          "evaluator.num_batches=1", "evaluator.every_n_steps=100", "progress_bar=False"]
 argv = ["train", "--config=tiny", f"--trainer_dir={trainer_dir}", *(f"--set={s}" for s in small)]
-sys.exit(axmini.launch.cli.main(argv))
+sys.exit(axmini.cli.main(argv))
 """
 
 

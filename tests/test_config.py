@@ -11,17 +11,23 @@ from hypothesis import strategies as st
 from axmini.config import (
     REQUIRED,
     ChainConfigModifier,
+    ConfigError,
     ConfigModifier,
     ConfigTypeError,
     Configurable,
+    ConfigValueError,
     FrozenConfigError,
     FunctionConfigBase,
     Required,
     RequiredFieldMissingError,
     UnknownFieldError,
     apply_overrides,
+    check_non_negative,
+    check_positive,
     config_for_class,
     config_for_function,
+    config_path,
+    fill_child,
     find_configs,
     get_path,
     maybe_instantiate,
@@ -315,3 +321,81 @@ def test_visit_reaches_every_leaf_once(values):
     assert len(seen) == len(set(seen))
     assert set(cfg.to_flat_dict()) <= set(seen)
     assert [cfg.to_flat_dict()[f"layers[{i}].rate"] for i in range(len(values))] == values
+
+
+# ----------------------------------------------------------------------------------------------------
+# Services for layers: config paths, checks, filling a child's dims, recognising a slot's fillers.
+
+
+class Recorder(Configurable):
+    """Records the config path of itself and of a field, as seen while it is built."""
+
+    class Config(Configurable.Config):
+        size: int = 1
+        child: Configurable.Config | None = None
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.paths = (config_path(self.config), config_path(self.config, "size"))
+        self.child = self.config.child.instantiate() if self.config.child is not None else None
+
+
+def test_config_path_is_the_path_from_the_root_being_built():
+    inner = Recorder.default_config()
+    root = Recorder.default_config().set(child=Recorder.default_config().set(child=inner)).instantiate()
+    assert root.paths == ("Recorder", "size")  # The root: its class, and its fields by their bare names.
+    assert root.child.paths == ("child", "child.size")
+    assert root.child.child.paths == ("child.child", "child.child.size")
+    assert config_path(Leaf.default_config(), "rate") == "rate"  # Never built: a root.
+
+
+def test_check_positive_names_the_first_bad_field_by_its_path_and_skips_none():
+    middle = Middle.default_config().set(input_dim=0)
+    with pytest.raises(ConfigValueError, match=r"^input_dim=0 must be positive$") as info:
+        check_positive(middle, "input_dim")
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, ValueError)
+    check_positive(Recorder.default_config().set(child=None), "size", "child")  # None: not set, accepted.
+    check_non_negative(OtherLeaf.default_config().set(rate=0.0), "rate")
+    with pytest.raises(ConfigValueError, match=r"^rate=-0.25 must be >= 0$"):
+        check_non_negative(OtherLeaf.default_config().set(rate=-0.25), "rate")
+
+
+def test_a_layer_check_names_the_field_by_its_full_path():
+    class Checked(Configurable):
+        class Config(Configurable.Config):
+            size: int = 1
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            check_positive(self.config, "size")
+
+    cfg = Recorder.default_config().set(child=Recorder.default_config().set(child=Checked.default_config()))
+    cfg.child.child.size = -1
+    with pytest.raises(ConfigValueError, match=r"^child\.child\.size=-1 must be positive$"):
+        cfg.instantiate()
+
+
+def test_fill_child_fills_required_fields_and_refuses_conflicts():
+    parent = Middle.default_config().set(input_dim=4)
+    filled = fill_child(parent.leaf, parent=parent, input_dim=4)
+    assert filled.input_dim == 4 and parent.leaf.input_dim is REQUIRED  # A copy: the parent's child is untouched.
+    assert fill_child(filled, parent=parent, input_dim=4).input_dim == 4  # An equal value is no conflict.
+    with pytest.raises(ConfigValueError, match=r"input_dim=4 conflicts with 8 required by Middle; leave input_dim"):
+        fill_child(filled, parent=parent, input_dim=8)
+    with pytest.raises(UnknownFieldError, match="has no field 'input_dims'"):
+        fill_child(parent.leaf, parent=parent, input_dims=4)
+
+
+def test_matches_recognises_a_class_and_its_subclasses_not_field_names():
+    class SubLeaf(Leaf):
+        pass
+
+    class LookAlike(Configurable):  # Has every field of Leaf.Config, but builds something else.
+        Config = Leaf.Config
+
+    assert Leaf.matches(Leaf.default_config()) and Leaf.matches(SubLeaf.default_config())
+    assert not SubLeaf.matches(Leaf.default_config())
+    assert not Leaf.matches(LookAlike.default_config()) and not Leaf.matches(OtherLeaf.default_config())
+    assert not Leaf.matches(None) and not Leaf.matches(config_for_function(scale_dim))
+    tree = Middle.default_config().set(layers=[SubLeaf.default_config(), LookAlike.default_config()])
+    assert [path for path, _ in find_configs(tree, Leaf.matches)] == ["leaf", "layers[0]"]

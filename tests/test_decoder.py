@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from axmini.config import ConfigValueError
 from axmini.layers.decoder import Decoder
 from axmini.layers.linear import Linear
 from axmini.layers.moe import ExpertChoiceGating, MoE, MoEModifier, TopKGating
@@ -236,14 +237,30 @@ def test_sharded_loss_matches_single_device():
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"vocab_size": 0}, r"decoder.vocab_size=0 must be positive"),
-        ({"pad_id": 40}, r"decoder.pad_id=40 is not a token id of vocab_size=40"),
-        ({"z_loss_weight": -1.0}, r"decoder.z_loss_weight=-1.0 must be >= 0"),
+        ({"vocab_size": 0}, r"^vocab_size=0 must be positive"),
+        ({"pad_id": 40}, r"^pad_id=40 is not a token id of vocab_size=40"),
+        ({"z_loss_weight": -1.0}, r"^z_loss_weight=-1.0 must be >= 0"),
     ],
 )
 def test_bad_decoder_config_is_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         _config().set(**fields).instantiate(rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    ("conflict", "message"),
+    [
+        (lambda c: c.embedding.set(dim=8), r"^embedding\.dim=8 conflicts with 16 required by Decoder;"),
+        (lambda c: c.stack.set(input_dim=8), r"^stack\.input_dim=8 conflicts with 16 required by Decoder;"),
+        (lambda c: c.output_norm.set(input_dim=8), r"^output_norm\.input_dim=8 conflicts with 16"),
+        (lambda c: c.lm_head.set(output_dim=8), r"^lm_head\.output_dim=8 conflicts with 40"),
+    ],
+)
+def test_a_child_dim_that_conflicts_with_the_decoder_is_refused(conflict, message):
+    cfg = _config(tied=False)
+    conflict(cfg)
+    with pytest.raises(ConfigValueError, match=message):
+        cfg.instantiate(rngs=nnx.Rngs(0))
 
 
 def test_forward_with_a_cache_needs_positions(model):

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from axmini.decoding import generate, sample_logits
 from axmini.layers.decoder import Decoder
-from axmini.layers.decoding import generate, sample_logits
 from axmini.layers.position import RoPEModifier
 
 VOCAB, PROMPT, NEW = 32, 5, 6

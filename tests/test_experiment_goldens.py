@@ -3,9 +3,9 @@
 import pathlib
 
 import pytest
+from golden_files import check_golden
 
 import experiments
-from axmini.golden import check_golden
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden" / "experiments"
 

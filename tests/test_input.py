@@ -119,7 +119,7 @@ def test_repeating_input_runs_past_one_epoch(epoch):
 
 
 def test_unknown_task_is_refused_with_a_suggestion(task):
-    with pytest.raises(ValueError, match=r"input.task='axmini_test_doc' is not a registered.*'axmini_test_docs'"):
+    with pytest.raises(ValueError, match=r"^task='axmini_test_doc' is not a registered.*'axmini_test_docs'"):
         make_input(task="axmini_test_doc")
 
 

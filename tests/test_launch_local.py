@@ -218,7 +218,7 @@ def test_train_on_2_processes_x_4_devices_matches_1_process_x_8_devices(
     single_run = [
         sys.executable,
         "-m",
-        "axmini.launch.cli",
+        "axmini.cli",
         "train",
         *TRAIN_ARGS,
         f"--trainer_dir={tmp_path / 'single'}",

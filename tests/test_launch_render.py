@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from golden_files import check_golden
 
 import experiments
 from axmini.config import ConfigBase, ConfigTypeError
-from axmini.golden import check_golden
 from axmini.launch import launcher
 from axmini.launch.render import gcloud_script, jobset, jobset_yaml, render, xpk_argv, xpk_command
 from axmini.launch.spec import LaunchSpec, LaunchSpecError, check, train_command, validate
@@ -431,4 +431,4 @@ def test_train_subcommand_after_double_dash_is_not_doubled(
     commands = []
     monkeypatch.setattr(launcher, "run_local", lambda command, **kw: commands.append(command) or 0)
     assert launcher.main(["local", "--", *train_args, "--trainer.max_step=3"]) == 0
-    assert commands[0][-3:] == ["axmini.launch.cli", "train", "--trainer.max_step=3"]
+    assert commands[0][-3:] == ["axmini.cli", "train", "--trainer.max_step=3"]

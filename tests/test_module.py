@@ -1,20 +1,21 @@
 """The layer base: parameters with logical axes, sharded and abstract building, aux outputs; first layers vs numpy."""
 
+import warnings
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from golden_files import GoldenMismatchError, check_golden, param_shapes_text
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from axmini.config import config_for_function
-from axmini.golden import GoldenMismatchError, check_golden, param_shapes_text
 from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
 from axmini.layers.norm import LayerNorm, RMSNorm
 from axmini.module import (
-    AuxLoss,
     Layer,
     build_abstract,
     build_sharded,
@@ -24,7 +25,6 @@ from axmini.module import (
     logical_to_spec,
     param_infos,
     param_table,
-    pop_aux,
     shard_activation,
     sharding_context,
 )
@@ -155,27 +155,33 @@ def test_abstract_build_inspects_a_10b_parameter_model_without_memory():
     assert "total: 10,000,000,000 parameters (10G), 40GB, 5GB per device" in table
 
 
+class _Inner(Layer):
+    def __call__(self, x):
+        self.add_aux_loss("penalty", jnp.sum(x))
+        self.add_summary("mean", jnp.mean(x))
+        return x
+
+
+class _Outer(Layer):
+    def __init__(self, cfg, *, rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.first = _Inner.default_config().instantiate(rngs=rngs)
+        self.second = _Inner.default_config().instantiate(rngs=rngs)
+
+    def __call__(self, x):
+        return self.second(self.first(x) * 2)
+
+
+def _sown(model):
+    return nnx.to_flat_state(nnx.state(model, nnx.Intermediate))
+
+
 def test_aux_outputs_are_read_back_by_exact_module_path():
-    class Inner(Layer):
-        def __call__(self, x):
-            self.add_aux_loss("penalty", jnp.sum(x))
-            self.add_summary("mean", jnp.mean(x))
-            return x
-
-    class Outer(Layer):
-        def __init__(self, cfg, *, rngs):
-            super().__init__(cfg, rngs=rngs)
-            self.first = Inner.default_config().instantiate(rngs=rngs)
-            self.second = Inner.default_config().instantiate(rngs=rngs)
-
-        def __call__(self, x):
-            return self.second(self.first(x) * 2)
-
     def twice(model, x):
         model(x)
         return model(x)  # a second call in the same step adds up
 
-    model = Outer.default_config().instantiate(rngs=nnx.Rngs(0))
+    model = _Outer.default_config().instantiate(rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -186,7 +192,19 @@ def test_aux_outputs_are_read_back_by_exact_module_path():
     np.testing.assert_array_equal(output, 2 * np.ones(3))  # 1 + 1: exact.
     assert summaries == {"first/mean": 1.0, "second/mean": 2.0}
     assert losses == {"first/penalty": 6.0, "second/penalty": 12.0}
-    assert pop_aux(model, AuxLoss) == {}  # nothing left behind in the model
+    assert len(_sown(model)) == 0  # nothing left behind in the model
+
+
+def test_aux_outputs_outside_a_capture_are_dropped_without_deprecation_warnings():
+    model = _Outer.default_config().instantiate(rngs=nnx.Rngs(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # flax 0.12: Module.sow outside nnx.capture
+        np.testing.assert_array_equal(model(jnp.ones(3)), 2 * np.ones(3))
+        assert capture_aux(lambda m, x: m(x), model, jnp.ones(3)).losses == {
+            "first/penalty": 3.0,
+            "second/penalty": 6.0,
+        }
+    assert len(_sown(model)) == 0
 
 
 def test_shard_activation_constrains_inside_context_only():

@@ -93,7 +93,7 @@ def test_rope_over_query_only_projection_rotates_q_and_has_no_kv():
 
 
 class _Block(ConfigBase):
-    """A test-only config tree: attentions in a field, in a list, and an attention-like non-Attention."""
+    """A test-only config tree: attentions in a field, in a list, and a subclass of Attention."""
 
     dim: Required[int] = REQUIRED
     attention: Attention.Config = Attention.default_config()
@@ -101,8 +101,8 @@ class _Block(ConfigBase):
     other: Linear.Config = Linear.default_config()
 
 
-class _OtherAttention(BaseQKVProjection):  # Stands in for RAttention: any class with an input_linear slot.
-    class Config(BaseQKVProjection.Config):
+class _OtherAttention(Attention):  # Stands in for RAttention: any subclass of Attention gets the patch.
+    class Config(Attention.Config):
         input_linear: BaseQKVProjection.Config = FusedQKVProjection.default_config()
         window: int = 4
         local: Attention.Config | None = None  # A nested attention, as a composite layer could have.
@@ -147,6 +147,17 @@ def test_rope_modifier_is_idempotent():
     custom = _tree()
     custom.attention.input_linear = RoPEProjection.default_config().set(theta=1e6)
     assert modifier(custom).attention.input_linear.theta == 1e6
+
+
+class _LookAlike(Linear):  # Has an `input_linear` field, but builds no Attention: it fills no attention slot.
+    class Config(Linear.Config):
+        input_linear: BaseQKVProjection.Config = QKVProjection.default_config()
+
+
+def test_rope_recognises_attentions_by_class_not_by_an_input_linear_field():
+    after = RoPEModifier.default_config().instantiate()(_Block(dim=4, layers=[_LookAlike.default_config()]))
+    assert after.layers[0].input_linear.klass is QKVProjection
+    assert after.attention.input_linear.klass is RoPEProjection
 
 
 def test_rope_reaches_attention_nested_inside_attention_like_config():

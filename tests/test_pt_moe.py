@@ -12,9 +12,10 @@ import pytest
 from axmini.layers.attention import Attention
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.moe import MoE, MoEModifier, TopKGating
-from axmini.layers.pt_moe import ParallelTrackStack, TrackReduction, pt_moe_large, pt_moe_tiny
+from axmini.layers.pt_moe import ParallelTrackStack, TrackReduction
 from axmini.layers.transformer import PatternStack, RepeatedStack, TransformerLayer
 from axmini.module import build_abstract, build_sharded, capture_aux, count_params, sharding_context
+from experiments.decoders import pt_moe_large, pt_moe_tiny
 
 D, F, E = 8, 16, 4
 
@@ -165,8 +166,8 @@ def test_sum_reduction_adds_the_tracks():
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(num_layers=6, block_depth=4), "num_layers=6 is not a multiple of stack.block_depth=4"),
-        (dict(num_tracks=0), "num_tracks=0 must be >= 1"),
+        (dict(num_layers=6, block_depth=4), "^num_layers=6 is not a multiple of block_depth=4"),
+        (dict(num_tracks=0), "^num_tracks=0 must be positive"),
     ],
 )
 def test_bad_track_config_is_refused(change, message):

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from axmini.config import find_configs
+from axmini.config import ConfigValueError, find_configs
 from axmini.layers.attention import KV, Attention, KVCache, QueryOnlyProjection
 from axmini.layers.decoder import Decoder
 from axmini.layers.feed_forward import FeedForward
@@ -20,10 +20,10 @@ from axmini.layers.rattention import (
     RAttentionCache,
     RAttentionLayout,
     RAttentionModifier,
-    rattention_variant,
 )
 from axmini.layers.transformer import PatternStack, RepeatedStack, TransformerLayer
 from axmini.module import build_sharded, sharding_context
+from experiments.decoders import rattention_variant
 
 D, H, K, DH = 16, 4, 2, 8
 THETA = 100.0
@@ -247,6 +247,22 @@ def test_modifier_turns_every_attention_into_rattention(stack, path):
     assert isinstance(attention.input_linear, RoPEProjection.Config), "shared fields (the RoPE slot) carry over"
     assert find_configs(base, Attention), "the modifier does not touch its input"
     assert RAttentionModifier.default_config().set(sliding_window=3).instantiate()(cfg) == cfg, "idempotent"
+
+
+class _ScaledAttention(Attention):
+    """A subclass of Attention with a field (and, in a real one, behaviour) that RAttention does not have."""
+
+    class Config(Attention.Config):
+        scale: float = 2.0
+
+
+def test_modifier_refuses_a_subclass_of_attention_by_path_and_name():
+    base = tiny_decoder()
+    base.stack.layer.self_attention = _ScaledAttention.default_config().set(num_heads=2)
+    message = r"stack\.layer\.self_attention \(_ScaledAttention\) build a subclass of Attention"
+    for layout in RAttentionLayout:
+        with pytest.raises(ConfigValueError, match=message):
+            RAttentionModifier.default_config().set(layout=layout).instantiate()(base)
 
 
 def test_tiny_rattention_model_trains_and_decodes():

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from axmini.config import REQUIRED, Required
+from axmini.config import REQUIRED, ConfigValueError, Required
 from axmini.layers.attention import Attention, QueryOnlyProjection
 from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPEModifier, RoPEProjection
@@ -188,6 +188,22 @@ def test_global_local_modifier_refuses_bad_window_and_patterned_stacks():
 def test_nonpositive_num_layers_is_refused():
     with pytest.raises(ValueError, match="num_layers=0 must be positive"):
         build_abstract(_repeated(num_layers=0))
+
+
+@pytest.mark.parametrize(
+    "conflict, message",
+    [
+        (lambda s: s.layer.norm.set(input_dim=8), r"^layer\.norm\.input_dim=8 conflicts with 16 required by layer;"),
+        (lambda s: s.layer.self_attention.set(input_dim=8), r"^layer\.self_attention\.input_dim=8 conflicts with 16"),
+        (lambda s: s.layer.feed_forward.set(input_dim=8), r"^layer\.feed_forward\.input_dim=8 conflicts with 16"),
+        (lambda s: s.layer.set(input_dim=8), r"^layer\.input_dim=8 conflicts with 16 required by RepeatedStack;"),
+    ],
+)
+def test_a_child_dim_that_conflicts_with_its_parent_is_refused_not_overwritten(conflict, message):
+    stack = _repeated(num_layers=2)
+    conflict(stack)
+    with pytest.raises(ConfigValueError, match=message):
+        build_abstract(stack)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import jax
 
+from axmini.config import ConfigValueError
+
 ENV_COORDINATOR = "AXMINI_COORDINATOR"
 ENV_NUM_PROCESSES = "AXMINI_NUM_PROCESSES"
 ENV_PROCESS_ID = "AXMINI_PROCESS_ID"
@@ -46,7 +48,7 @@ def _int_env(env: Mapping[str, str], name: str, *, minimum: int) -> int:
     except ValueError:
         value = minimum - 1
     if value < minimum:
-        raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {minimum}")
+        raise ConfigValueError(f"environment variable {name}={raw!r}: expected an integer >= {minimum}")
     return value
 
 
@@ -57,7 +59,7 @@ def process_id_from_env(env: Mapping[str, str], num_processes: int) -> int:
     elif ENV_SLICE_ID in env and ENV_HOST_ID in env:
         num_slices = _int_env(env, ENV_NUM_SLICES, minimum=1) if ENV_NUM_SLICES in env else 1
         if num_processes % num_slices:
-            raise ValueError(
+            raise ConfigValueError(
                 f"{ENV_NUM_PROCESSES}={num_processes} is not a multiple of {ENV_NUM_SLICES}={num_slices}; "
                 "every slice must have the same number of processes"
             )
@@ -65,22 +67,22 @@ def process_id_from_env(env: Mapping[str, str], num_processes: int) -> int:
         slice_id = _int_env(env, ENV_SLICE_ID, minimum=0)
         host_id = _int_env(env, ENV_HOST_ID, minimum=0)
         if host_id >= per_slice:
-            raise ValueError(f"{ENV_HOST_ID}={host_id} must be < {per_slice} (processes per slice)")
+            raise ConfigValueError(f"{ENV_HOST_ID}={host_id} must be < {per_slice} (processes per slice)")
         process_id = slice_id * per_slice + host_id
     else:
-        raise ValueError(
+        raise ConfigValueError(
             f"{ENV_COORDINATOR} is set but the process id is not: set {ENV_PROCESS_ID}, "
             f"or {ENV_SLICE_ID} and {ENV_HOST_ID} (with {ENV_NUM_SLICES})"
         )
     if process_id >= num_processes:
-        raise ValueError(f"process id {process_id} must be < {ENV_NUM_PROCESSES}={num_processes}")
+        raise ConfigValueError(f"process id {process_id} must be < {ENV_NUM_PROCESSES}={num_processes}")
     return process_id
 
 
 def initialize_from_env(environ: Mapping[str, str] | None = None) -> DistributedSetup | None:
     """Sets the simulated CPU device count and joins the distributed run the environment describes.
 
-    Returns None for a single-process run (nothing set), else this process's place in the run. Raises ValueError
+    Returns None for a single-process run (nothing set), else this process's place in the run. Raises ConfigValueError
     naming the variable when the environment is inconsistent. Safe to call twice (the second call only reports).
     """
     env = os.environ if environ is None else environ
@@ -88,7 +90,7 @@ def initialize_from_env(environ: Mapping[str, str] | None = None) -> Distributed
         jax.config.update("jax_num_cpu_devices", _int_env(env, ENV_LOCAL_DEVICES, minimum=1))
     mode = env.get(ENV_DISTRIBUTED, "")
     if mode not in ("", "auto"):
-        raise ValueError(f"environment variable {ENV_DISTRIBUTED}={mode!r}: the only value is 'auto' (or unset)")
+        raise ConfigValueError(f"environment variable {ENV_DISTRIBUTED}={mode!r}: the only value is 'auto' (or unset)")
     if ENV_COORDINATOR not in env and mode != "auto":
         return None
     if not jax.distributed.is_initialized():
@@ -98,7 +100,7 @@ def initialize_from_env(environ: Mapping[str, str] | None = None) -> Distributed
             coordinator = env[ENV_COORDINATOR]
             host, _, port = coordinator.rpartition(":")
             if not host or not port.isdigit():
-                raise ValueError(f"environment variable {ENV_COORDINATOR}={coordinator!r}: expected host:port")
+                raise ConfigValueError(f"environment variable {ENV_COORDINATOR}={coordinator!r}: expected host:port")
             num_processes = _int_env(env, ENV_NUM_PROCESSES, minimum=1)
             jax.distributed.initialize(
                 coordinator_address=coordinator,

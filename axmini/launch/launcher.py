@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     if args.target == "local":
         try:
-            command = [sys.executable, "-m", "axmini.launch.cli", "train", *train_args]
+            command = [sys.executable, "-m", "axmini.cli", "train", *train_args]
             return run_local(
                 command,
                 num_processes=args.num_processes,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.nnx as nnx
@@ -25,7 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from axmini.config import REQUIRED, ConfigBase, ConfigModifier, Required, map_configs
+from axmini.config import (
+    REQUIRED,
+    ConfigBase,
+    ConfigModifier,
+    ConfigValueError,
+    Required,
+    check_positive,
+    config_path,
+    fill_child,
+    map_configs,
+)
 from axmini.layers.norm import RMSNorm
 from axmini.module import Layer, shard_activation
 
@@ -66,28 +77,6 @@ class AttentionOutput(NamedTuple):
     kv: KV | None  # The (rotated) keys/values attended over, for KV sharing.
 
 
-def _path(cfg: ConfigBase, field: str | None = None) -> str:
-    """The dotted config path of `cfg` (or of its `field`), for error messages."""
-    base = getattr(cfg, "_path", "") or type(cfg).__qualname__.removesuffix(".Config")
-    return f"{base}.{field}" if field else base
-
-
-def fill_child(child: ConfigBase, parent_path: str, **values: Any) -> ConfigBase:
-    """A copy of `child` with the fields its parent owns set to `values`.
-
-    A field already set to a different value is a conflict (e.g. qk_norm.input_dim != head_dim) and is
-    refused rather than silently overwritten.
-    """
-    for name, value in values.items():
-        current = getattr(child, name)
-        if current is not REQUIRED and current != value:
-            raise ValueError(
-                f"{_path(child, name)}={current!r} conflicts with {value!r} required by {parent_path}; "
-                f"leave {name} unset (the parent fills it) or make it equal"
-            )
-    return child.clone(**values)
-
-
 # ----------------------------------------------------------------------------------------------------
 # The QKV projection slot.
 
@@ -104,6 +93,8 @@ class BaseQKVProjection(Layer):
 
     # Whether `project` returns keys/values; False for a KV-sharing consumer's query-only projection.
     has_kv: bool = True
+    # Whether this projection wraps an `inner` one (as RoPE does): KV sharing then replaces that inner projection.
+    wraps_projection: bool = False
 
     def project(self, x: Array) -> QKV:
         raise NotImplementedError(type(self))
@@ -303,14 +294,16 @@ class Attention(Layer):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
         self._validate()
-        path = _path(cfg)
         dims = dict(num_heads=cfg.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim)
-        self.input_linear = fill_child(cfg.input_linear, path, input_dim=cfg.input_dim, **dims).instantiate(rngs=rngs)
+        self.input_linear = fill_child(cfg.input_linear, parent=cfg, input_dim=cfg.input_dim, **dims).instantiate(
+            rngs=rngs
+        )
         self.output_linear = fill_child(
-            cfg.output_linear, path, output_dim=cfg.input_dim, num_heads=cfg.num_heads, head_dim=self.head_dim
+            cfg.output_linear, parent=cfg, output_dim=cfg.input_dim, num_heads=cfg.num_heads, head_dim=self.head_dim
         ).instantiate(rngs=rngs)
-        norm_cfg = fill_child(cfg.qk_norm, path, input_dim=self.head_dim) if cfg.qk_norm is not None else None
-        norm_cfg = norm_cfg.set(axis_name="head_dim") if norm_cfg is not None else None
+        norm_cfg = None
+        if cfg.qk_norm is not None:
+            norm_cfg = fill_child(cfg.qk_norm, parent=cfg, input_dim=self.head_dim).set(axis_name="head_dim")
         self.q_norm = norm_cfg.instantiate(rngs=rngs) if norm_cfg is not None else None
         self.k_norm = norm_cfg.instantiate(rngs=rngs) if norm_cfg is not None and self.input_linear.has_kv else None
 
@@ -324,22 +317,17 @@ class Attention(Layer):
 
     def _validate(self) -> None:
         cfg = self.config
-        for name in ("input_dim", "num_heads", "num_kv_heads", "head_dim", "sliding_window"):
-            value = getattr(cfg, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{_path(cfg, name)}={value} must be positive")
+        check_positive(cfg, "input_dim", "num_heads", "num_kv_heads", "head_dim", "sliding_window", "logit_softcap")
         if cfg.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"{_path(cfg, 'num_heads')}={cfg.num_heads} is not divisible by "
-                f"{_path(cfg, 'num_kv_heads')}={cfg.num_kv_heads}; use a divisor of num_heads"
+            raise ConfigValueError(
+                f"{config_path(cfg, 'num_heads')}={cfg.num_heads} is not divisible by "
+                f"{config_path(cfg, 'num_kv_heads')}={cfg.num_kv_heads}; use a divisor of num_heads"
             )
         if cfg.head_dim is None and cfg.input_dim % cfg.num_heads:
-            raise ValueError(
-                f"{_path(cfg, 'input_dim')}={cfg.input_dim} is not divisible by {_path(cfg, 'num_heads')}="
-                f"{cfg.num_heads}; set {_path(cfg, 'head_dim')} explicitly"
+            raise ConfigValueError(
+                f"{config_path(cfg, 'input_dim')}={cfg.input_dim} is not divisible by "
+                f"{config_path(cfg, 'num_heads')}={cfg.num_heads}; set {config_path(cfg, 'head_dim')} explicitly"
             )
-        if cfg.logit_softcap is not None and cfg.logit_softcap <= 0:
-            raise ValueError(f"{_path(cfg, 'logit_softcap')}={cfg.logit_softcap} must be positive (or None: off)")
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> KVCache | None:
         """An empty cache for `max_length` positions (a ring of min(window, max_length) slots for local
@@ -357,16 +345,36 @@ class Attention(Layer):
         *,
         positions: Array,
         segment_ids: Array | None = None,
-        cache: KVCache | None = None,
+        cache: Any | None = None,
         shared_kv: KV | None = None,
     ) -> AttentionOutput:
-        cfg = self.config
-        self._check_call(x, positions, segment_ids, cache, shared_kv)
-        x = shard_activation(x, ("batch", "length", "embed"))
-        qkv = self.input_linear.project(x)
+        self._check_inputs(x, positions, segment_ids, cache=cache, shared_kv=shared_kv)
+        raw, rotated = self._qkv(x, positions)
+        heads, new_cache, kv = self._attend_heads(raw, rotated, positions, segment_ids, cache, shared_kv)
+        out = shard_activation(self.output_linear(heads), ("batch", "length", "embed"))
+        return AttentionOutput(out, new_cache, kv)
+
+    def _qkv(self, x: Array, positions: Array) -> tuple[QKV, QKV]:
+        """q, k, v before and after positional encoding: projected (`project`), qk-normed, then rotated (`rotate`)."""
+        raw = self.input_linear.project(shard_activation(x, ("batch", "length", "embed")))
         if self.q_norm is not None:
-            qkv = QKV(self.q_norm(qkv.q), self.k_norm(qkv.k) if qkv.k is not None else None, qkv.v)
-        q, k, v = self.input_linear.rotate(qkv, positions)
+            raw = QKV(self.q_norm(raw.q), self.k_norm(raw.k) if raw.k is not None else None, raw.v)
+        return raw, self.input_linear.rotate(raw, positions)
+
+    def _attend_heads(
+        self,
+        raw: QKV,
+        rotated: QKV,
+        positions: Array,
+        segment_ids: Array | None,
+        cache: KVCache | None,
+        shared_kv: KV | None,
+    ) -> tuple[Array, KVCache | None, KV]:
+        """The attention of every head [B,T,H,Dh] (before the output projection), the new cache and the keys/values
+        attended over. Subclasses (RAttention) replace this step and keep the rest of the call."""
+        del raw  # Plain attention only needs the rotated q/k.
+        cfg = self.config
+        q, k, v = rotated
         q = shard_activation(q, ("batch", "length", "heads", "head_dim"))
         poison = None
         if shared_kv is not None:
@@ -387,13 +395,19 @@ class Attention(Layer):
         out = _attend(q, kv.k, kv.v, mask, kernel=cfg.kernel, logit_softcap=cfg.logit_softcap)
         if poison is not None:
             out = jnp.where(poison[:, :, None, None], jnp.nan, out)
-        out = shard_activation(self.output_linear(out), ("batch", "length", "embed"))
-        return AttentionOutput(out, new_cache, kv)
+        return out, new_cache, kv
 
-    def _check_call(
-        self, x: Array, positions: Array, segment_ids: Array | None, cache: KVCache | None, shared_kv: KV | None
+    def _check_inputs(
+        self,
+        x: Array,
+        positions: Array,
+        segment_ids: Array | None,
+        *,
+        cache: KVCache | None = None,
+        shared_kv: KV | None = None,
     ) -> None:
-        """Refuses inconsistent calls while tracing (shapes and modes are static)."""
+        """Refuses inconsistent calls while tracing (shapes and modes are static): input shapes, then where the
+        keys/values come from (own projection or `shared_kv`) and whether the cache fits."""
         name = type(self).__name__
         if x.ndim != 3 or x.shape[-1] != self.config.input_dim:
             raise ValueError(f"{name}: x must be [B, T, {self.config.input_dim}], got {x.shape}")
@@ -402,10 +416,10 @@ class Attention(Layer):
                 raise ValueError(f"{name}: {label} must be [B, T] = {x.shape[:2]}, got {value.shape}")
         has_kv = self.input_linear.has_kv
         if shared_kv is None and not has_kv:
-            raise ValueError(f"{_path(self.config, 'input_linear')} projects queries only: pass shared_kv")
+            raise ValueError(f"{config_path(self.config, 'input_linear')} projects queries only: pass shared_kv")
         if shared_kv is not None and has_kv:
             raise ValueError(
-                f"{name} got shared_kv but {_path(self.config, 'input_linear')} projects its own keys/values; "
+                f"{name} got shared_kv but {config_path(self.config, 'input_linear')} projects its own keys/values; "
                 "configure a QueryOnlyProjection for a KV-sharing consumer"
             )
         if shared_kv is not None and cache is not None:
@@ -474,22 +488,18 @@ class Attention(Layer):
 # Feature modifiers.
 
 
-def is_attention_config(cfg: ConfigBase) -> bool:
-    """An attention-like config: one with an `input_linear` of the QKV projection family."""
-    return isinstance(getattr(cfg, "input_linear", None), BaseQKVProjection.Config)
-
-
-def map_attention_configs(cfg: ConfigBase, fn: Any) -> ConfigBase:
-    """A copy of the tree with `fn(c)` applied to every attention-like config `c`, nested ones included."""
+def map_attention_configs(cfg: ConfigBase, fn: Callable[[ConfigBase], ConfigBase]) -> ConfigBase:
+    """A copy of the tree with `fn(c)` applied to every config `c` that builds an Attention (subclasses included),
+    attentions nested inside an attention's config too."""
 
     def apply(attention: ConfigBase) -> ConfigBase:
         attention = fn(attention)
         for name, value in attention.items():
-            if name != "input_linear" and isinstance(value, (ConfigBase, list, dict)):
-                setattr(attention, name, map_configs(value, is_attention_config, apply))
+            if isinstance(value, (ConfigBase, list, dict)):
+                setattr(attention, name, map_configs(value, Attention.matches, apply))
         return attention
 
-    return map_configs(cfg, is_attention_config, apply)
+    return map_configs(cfg, Attention.matches, apply)
 
 
 class SlidingWindowModifier(ConfigModifier):
@@ -499,11 +509,5 @@ class SlidingWindowModifier(ConfigModifier):
         sliding_window: Required[int] = REQUIRED
 
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
-        window = self.config.sliding_window
-        if window <= 0:
-            raise ValueError(f"{_path(self.config, 'sliding_window')}={window} must be positive")
-
-        def set_window(attention: ConfigBase) -> ConfigBase:
-            return attention.set(sliding_window=window) if "sliding_window" in attention.field_names() else attention
-
-        return map_attention_configs(cfg, set_window)
+        check_positive(self.config, "sliding_window")
+        return map_attention_configs(cfg, lambda attention: attention.set(sliding_window=self.config.sliding_window))

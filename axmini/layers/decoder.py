@@ -14,7 +14,17 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, ConfigBase, Required, find_configs
+from axmini.config import (
+    REQUIRED,
+    ConfigBase,
+    ConfigValueError,
+    Required,
+    check_non_negative,
+    check_positive,
+    config_path,
+    fill_child,
+    find_configs,
+)
 from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
 from axmini.layers.norm import RMSNorm
@@ -57,30 +67,28 @@ class Decoder(Layer):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        path = getattr(cfg, "_path", "") or "decoder"
-        for name in ("vocab_size", "dim"):
-            if getattr(cfg, name) <= 0:
-                raise ValueError(f"{path}.{name}={getattr(cfg, name)} must be positive")
+        check_positive(cfg, "vocab_size", "dim")
+        check_non_negative(cfg, "z_loss_weight")
         if not 0 <= cfg.pad_id < cfg.vocab_size:
-            raise ValueError(f"{path}.pad_id={cfg.pad_id} is not a token id of vocab_size={cfg.vocab_size}")
-        if cfg.z_loss_weight < 0:
-            raise ValueError(f"{path}.z_loss_weight={cfg.z_loss_weight} must be >= 0")
+            raise ConfigValueError(
+                f"{config_path(cfg, 'pad_id')}={cfg.pad_id} is not a token id of vocab_size={cfg.vocab_size}"
+            )
         for child_path, child in find_configs(cfg.stack, _is_non_causal):
-            raise ValueError(
-                f"{path}.stack.{child_path}: {child.klass.__name__} is not causal (a token's output would depend on "
-                "later tokens), so a causal decoder cannot use it; use a causal alternative (for MoE routing: "
-                "TopKGating, token choice)"
+            raise ConfigValueError(
+                f"{config_path(cfg, 'stack')}.{child_path}: {child.klass.__name__} is not causal (a token's output "
+                "would depend on later tokens), so a causal decoder cannot use it; use a causal alternative (for MoE "
+                "routing: TopKGating, token choice)"
             )
-        self.embedding = cfg.embedding.clone(num_embeddings=cfg.vocab_size, dim=cfg.dim).instantiate(rngs=rngs)
-        self.stack = cfg.stack.clone(input_dim=cfg.dim).instantiate(rngs=rngs)
-        self.output_norm = cfg.output_norm.clone(input_dim=cfg.dim).instantiate(rngs=rngs)
-        self.lm_head = (
-            cfg.lm_head.clone(input_dim=cfg.dim, output_dim=cfg.vocab_size, axes=("embed", "vocab")).instantiate(
-                rngs=rngs
-            )
-            if cfg.lm_head is not None
-            else None
-        )
+        embedding = fill_child(cfg.embedding, parent=cfg, num_embeddings=cfg.vocab_size, dim=cfg.dim)
+        self.embedding = embedding.instantiate(rngs=rngs)
+        self.stack = fill_child(cfg.stack, parent=cfg, input_dim=cfg.dim).instantiate(rngs=rngs)
+        self.output_norm = fill_child(cfg.output_norm, parent=cfg, input_dim=cfg.dim).instantiate(rngs=rngs)
+        lm_head = None
+        if cfg.lm_head is not None:
+            # The weight's logical axes are the decoder's choice too: its second dim is the vocabulary.
+            lm_head = fill_child(cfg.lm_head, parent=cfg, input_dim=cfg.dim, output_dim=cfg.vocab_size)
+            lm_head = lm_head.set(axes=("embed", "vocab")).instantiate(rngs=rngs)
+        self.lm_head = lm_head
 
     def forward(
         self,

@@ -14,7 +14,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, FunctionConfigBase, Required, maybe_instantiate
+from axmini.config import REQUIRED, ConfigValueError, FunctionConfigBase, Required, config_path, maybe_instantiate
 from axmini.module import Layer, shard_activation
 
 
@@ -58,8 +58,8 @@ class FeedForward(Layer):
         cfg = self.config
         hidden = self.hidden_dim
         if hidden <= 0:
-            raise ValueError(
-                f"{cfg._path or 'feed_forward'}.hidden_dim resolved to {hidden} (input_dim={cfg.input_dim}); "
+            raise ConfigValueError(
+                f"{config_path(cfg, 'hidden_dim')} resolved to {hidden} (input_dim={cfg.input_dim}); "
                 "set a positive hidden_dim"
             )
         shape_in, shape_out = (cfg.input_dim, hidden), (hidden, cfg.input_dim)

@@ -32,14 +32,19 @@ from axmini.config import (
     ConfigBase,
     ConfigModifier,
     Configurable,
+    ConfigValueError,
     FunctionConfigBase,
     Required,
+    check_non_negative,
+    check_positive,
+    config_path,
+    fill_child,
     map_configs,
     maybe_instantiate,
     replace_config,
 )
 from axmini.layers.feed_forward import FeedForward, FeedForwardActivation
-from axmini.layers.transformer import PatternStack, RepeatedStack, is_stack_config
+from axmini.layers.transformer import BaseStack, to_pattern_stack
 from axmini.module import Layer, shard_activation
 
 Array = jax.Array
@@ -130,14 +135,11 @@ class TopKGating(BaseGating):
         super().__init__(cfg)
         cfg = self.config
         if not 1 <= cfg.top_k <= cfg.num_experts:
-            raise ValueError(
-                f"{cfg._path or 'gating'}.top_k={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]; "
+            raise ConfigValueError(
+                f"{config_path(cfg, 'top_k')}={cfg.top_k} must be in [1, num_experts={cfg.num_experts}]; "
                 "lower top_k or add experts"
             )
-        for name in ("train_capacity_factor", "eval_capacity_factor"):
-            factor = getattr(cfg, name)
-            if factor is not None and factor <= 0:
-                raise ValueError(f"{cfg._path or 'gating'}.{name}={factor} must be > 0, or None for dropless")
+        check_positive(cfg, "train_capacity_factor", "eval_capacity_factor")  # None: dropless.
 
     def capacity(self, group_size: int, *, deterministic: bool) -> int:
         cfg = self.config
@@ -191,10 +193,7 @@ class ExpertChoiceGating(BaseGating):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        cfg = self.config
-        for name in ("train_capacity_factor", "eval_capacity_factor"):
-            if getattr(cfg, name) <= 0:
-                raise ValueError(f"{cfg._path or 'gating'}.{name}={getattr(cfg, name)} must be > 0")
+        check_positive(self.config, "train_capacity_factor", "eval_capacity_factor")
 
     def capacity(self, group_size: int, *, deterministic: bool) -> int:
         cfg = self.config
@@ -261,15 +260,13 @@ class MoE(Layer):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        path = cfg._path or "moe"
-        if cfg.num_experts < 1:
-            raise ValueError(f"{path}.num_experts={cfg.num_experts} must be >= 1")
-        for name in ("load_balance_loss_weight", "router_z_loss_weight"):
-            if getattr(cfg, name) < 0:
-                raise ValueError(f"{path}.{name}={getattr(cfg, name)} must be >= 0")
+        check_positive(cfg, "num_experts")
+        check_non_negative(cfg, "load_balance_loss_weight", "router_z_loss_weight")
         hidden_dim = int(maybe_instantiate(cfg.hidden_dim, input_dim=cfg.input_dim))
         if hidden_dim <= 0:
-            raise ValueError(f"{path}.hidden_dim resolved to {hidden_dim}; set a positive hidden_dim")
+            raise ConfigValueError(
+                f"{config_path(cfg, 'hidden_dim')} resolved to {hidden_dim}; set a positive hidden_dim"
+            )
         num_experts, dim = cfg.num_experts, cfg.input_dim
         self.hidden_dim = hidden_dim
         self.router = self.param((dim, num_experts), axes=("embed", None), rngs=rngs)
@@ -280,7 +277,7 @@ class MoE(Layer):
         else:
             self.wi = self.param(shape_in, axes=axes_in, rngs=rngs, fan_in_axes=(1,))
         self.wo = self.param((num_experts, self.hidden_dim, dim), axes=("expert", "mlp", "embed"), rngs=rngs)
-        self.gating = cfg.gating.clone(num_experts=num_experts).instantiate()
+        self.gating = fill_child(cfg.gating, parent=cfg, num_experts=num_experts).instantiate()
         self.deterministic = False
 
     def __call__(self, x: Array) -> Array:
@@ -373,23 +370,18 @@ class MoEModifier(ConfigModifier):
     _KEPT_FIELDS = ("input_dim", "hidden_dim", "activation", "param_dtype")
 
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
-        every = self.config.every
-        if every < 1:
-            raise ValueError(f"{self.config._path or 'MoEModifier'}.every={every} must be >= 1 (1 = every layer)")
-        if every == 1:
+        check_positive(self.config, "every")
+        if self.config.every == 1:
             return self._to_moe(cfg)
-        return map_configs(cfg, is_stack_config, self._interleave)
+        return map_configs(cfg, BaseStack.matches, self._interleave)
 
     def _to_moe(self, cfg: ConfigBase) -> ConfigBase:
         return replace_config(cfg, target=FeedForward, new=self.config.moe, keep_fields=self._KEPT_FIELDS)
 
     def _interleave(self, stack: ConfigBase) -> ConfigBase:
         every = self.config.every
-        layers = [stack.layer] if isinstance(stack, RepeatedStack.Config) else list(stack.pattern)
+        stack = to_pattern_stack(stack)
+        layers = stack.pattern
         period = math.lcm(len(layers), every)
         pattern = [layers[i % len(layers)].clone() for i in range(period)]
-        pattern = [self._to_moe(c) if (i + 1) % every == 0 else c for i, c in enumerate(pattern)]
-        result = PatternStack.default_config()
-        for name in set(result.field_names()) & set(stack.field_names()) - {"klass", "pattern"}:
-            setattr(result, name, getattr(stack, name))
-        return result.set(pattern=pattern)
+        return stack.set(pattern=[self._to_moe(c) if (i + 1) % every == 0 else c for i, c in enumerate(pattern)])

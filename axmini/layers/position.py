@@ -12,15 +12,8 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import ConfigBase, ConfigModifier
-from axmini.layers.attention import (
-    QKV,
-    BaseQKVProjection,
-    QKVProjection,
-    _path,
-    fill_child,
-    map_attention_configs,
-)
+from axmini.config import ConfigBase, ConfigModifier, ConfigValueError, check_positive, config_path, fill_child
+from axmini.layers.attention import QKV, BaseQKVProjection, QKVProjection, map_attention_configs
 
 Array = jax.Array
 
@@ -62,17 +55,18 @@ class RoPEProjection(BaseQKVProjection):
         # Fraction of head_dim that rotates (partial rotary embedding); 1.0 rotates all of it.
         rotary_fraction: float = 1.0
 
+    wraps_projection = True
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        if cfg.theta <= 0:
-            raise ValueError(f"{_path(cfg, 'theta')}={cfg.theta} must be positive")
+        check_positive(cfg, "theta")
         try:
             rotary_dim(cfg.head_dim, cfg.rotary_fraction)
         except ValueError as e:
-            raise ValueError(f"{_path(cfg, 'rotary_fraction')}: {e}") from None
+            raise ConfigValueError(f"{config_path(cfg, 'rotary_fraction')}: {e}") from None
         dims = {name: getattr(cfg, name) for name in ("input_dim", "num_heads", "num_kv_heads", "head_dim")}
-        self.inner = fill_child(cfg.inner, _path(cfg), **dims).instantiate(rngs=rngs)
+        self.inner = fill_child(cfg.inner, parent=cfg, **dims).instantiate(rngs=rngs)
 
     @property
     def has_kv(self) -> bool:
@@ -103,7 +97,7 @@ class RoPEModifier(ConfigModifier):
         rope = RoPEProjection.default_config().set(theta=self.config.theta, rotary_fraction=self.config.rotary_fraction)
 
         def wrap(attention: ConfigBase) -> ConfigBase:
-            if not isinstance(attention.input_linear, RoPEProjection.Config):
+            if not RoPEProjection.matches(attention.input_linear):
                 attention.input_linear = rope.clone(inner=attention.input_linear)
             return attention
 

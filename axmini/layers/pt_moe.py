@@ -12,8 +12,8 @@ Parameters of one block are stacked over tracks (leading logical axis `track`) a
 cross-track communication is one all-reduce per block boundary: 1 per `block_depth` layers, where
 tensor parallelism needs 2 per layer.
 
-`ParallelTrackStack` fills the decoder's `stack` slot (same call contract as the other stacks).
-`pt_moe_tiny()` and `pt_moe_large()` are model configs.
+`ParallelTrackStack` fills the decoder's `stack` slot (same call contract as the other stacks); the PT-MoE model
+configs are in `experiments/decoders.py`.
 """
 
 from __future__ import annotations
@@ -25,21 +25,9 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, Required, config_for_function
-from axmini.layers.attention import Attention, QKVProjection
-from axmini.layers.decoder import Decoder
-from axmini.layers.feed_forward import FeedForward
-from axmini.layers.moe import MoE, MoEModifier, TopKGating
-from axmini.layers.norm import RMSNorm
-from axmini.layers.position import RoPEProjection
-from axmini.layers.transformer import (
-    BaseStack,
-    GlobalLocalModifier,
-    RepeatedStack,
-    StackOutput,
-    TransformerLayer,
-)
-from axmini.module import AuxLoss, Layer, Summary, normal, shard_activation
+from axmini.config import REQUIRED, ConfigValueError, Required, check_positive, config_path, fill_child
+from axmini.layers.transformer import BaseStack, RepeatedStack, StackOutput
+from axmini.module import AuxLoss, Layer, Summary, resow, shard_activation, stack_modules
 
 Array = jax.Array
 
@@ -49,22 +37,6 @@ class TrackReduction(enum.Enum):
 
     MEAN = "mean"
     SUM = "sum"
-
-
-def _stacked_over_tracks(cfg: BaseStack.Config, num_tracks: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`num_tracks` independent copies of the block, as one module whose parameters lead with `track`."""
-
-    @nnx.split_rngs(splits=num_tracks)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs: nnx.Rngs) -> nnx.Module:
-        return cfg.instantiate(rngs=rngs)
-
-    module = create(rngs)
-    for _, node in nnx.iter_graph(module):
-        if isinstance(node, nnx.Param):
-            axes = node.get_metadata().get("axes") or (None,) * (node.get_value().ndim - 1)
-            node.set_metadata(axes=("track", *axes))
-    return module
 
 
 def _call_block(block: nnx.Module, x: Array, positions: Array, segment_ids: Array | None, cache: Any) -> StackOutput:
@@ -90,18 +62,17 @@ class ParallelTrackStack(Layer):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        path = cfg._path or "stack"
-        for name in ("num_tracks", "block_depth", "num_layers"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"{path}.{name}={getattr(cfg, name)} must be >= 1")
+        check_positive(cfg, "num_tracks", "block_depth", "num_layers")
         if cfg.num_layers % cfg.block_depth:
-            raise ValueError(
-                f"{path}.num_layers={cfg.num_layers} is not a multiple of {path}.block_depth={cfg.block_depth}; "
-                "each track must be a whole number of blocks"
+            raise ConfigValueError(
+                f"{config_path(cfg, 'num_layers')}={cfg.num_layers} is not a multiple of "
+                f"{config_path(cfg, 'block_depth')}={cfg.block_depth}; each track must be a whole number of blocks"
             )
-        block = cfg.block.clone(input_dim=cfg.input_dim, num_layers=cfg.block_depth)
+        block = fill_child(cfg.block, parent=cfg, input_dim=cfg.input_dim, num_layers=cfg.block_depth)
         num_blocks = cfg.num_layers // cfg.block_depth
-        self.blocks = nnx.List([_stacked_over_tracks(block, cfg.num_tracks, rngs) for _ in range(num_blocks)])
+        self.blocks = nnx.List(
+            [stack_modules(block, cfg.num_tracks, axis="track", rngs=rngs) for _ in range(num_blocks)]
+        )
 
     def __call__(
         self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
@@ -132,18 +103,14 @@ class ParallelTrackStack(Layer):
             return nnx.capture(_call_block, AuxLoss, Summary)(module, x, positions, segment_ids, cache)
 
         # The module goes in as a pytree (graph-mode transforms of a module holding an nnx.List fail while
-        # an outer nnx.capture is active); values sown earlier outside a capture are not per track.
+        # an outer nnx.capture is active); that capture's collections (Intermediate variables) are not per track.
         block_axes = jax.tree.map(
             lambda v: None if isinstance(v, nnx.Intermediate) else 0,
             block,
             is_leaf=lambda v: isinstance(v, nnx.Variable),
         )
         out, losses, summaries = jax.vmap(one_track, in_axes=(block_axes, 0, 0))(block, tracks, cache)
-        modules = dict(nnx.iter_modules(block))
-        for path, variable in nnx.to_flat_state(losses):
-            modules[path[:-1]].add_aux_loss(path[-1], jnp.sum(variable.get_value(), axis=0))
-        for path, variable in nnx.to_flat_state(summaries):
-            modules[path[:-1]].add_summary(path[-1], variable.get_value())
+        resow(block, losses, summaries)
         return out
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
@@ -155,91 +122,3 @@ class ParallelTrackStack(Layer):
             )
             for block in self.blocks
         )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model configs.
-
-
-def pt_moe_decoder(
-    *,
-    vocab_size: int,
-    dim: int,
-    num_tracks: int,
-    num_blocks: int,
-    block_depth: int,
-    num_heads: int,
-    num_kv_heads: int,
-    hidden_dim: int,
-    num_experts: int,
-    top_k: int,
-    sliding_window: int | None,
-    local_layers: int = 3,
-    global_layers: int = 1,
-) -> Decoder.Config:
-    """A PT-MoE decoder: tracks of blocks whose layers are RoPE attention + SwiGLU, with every other
-    feed-forward an MoE (track-local experts), and `local_layers` sliding-window : `global_layers` global
-    (NoPE) attention inside each block when `sliding_window` is set."""
-    attention = Attention.default_config().set(
-        num_heads=num_heads,
-        num_kv_heads=num_kv_heads,
-        input_linear=RoPEProjection.default_config().set(theta=500000.0, inner=QKVProjection.default_config()),
-    )
-    layer = TransformerLayer.default_config().set(
-        self_attention=attention, feed_forward=FeedForward.default_config().set(hidden_dim=hidden_dim)
-    )
-    stack = ParallelTrackStack.default_config().set(
-        num_layers=num_blocks * block_depth,
-        num_tracks=num_tracks,
-        block_depth=block_depth,
-        block=RepeatedStack.default_config().set(layer=layer),
-    )
-    cfg = Decoder.default_config().set(
-        vocab_size=vocab_size, dim=dim, stack=stack, output_norm=RMSNorm.default_config()
-    )
-    cfg.embedding.param_init = config_for_function(normal, stddev=0.02)
-    if sliding_window is not None:
-        cfg = (
-            GlobalLocalModifier.default_config()
-            .set(local_layers=local_layers, global_layers=global_layers, sliding_window=sliding_window)
-            .instantiate()(cfg)
-        )
-    gating = TopKGating.default_config().set(top_k=top_k)
-    moe = MoE.default_config().set(num_experts=num_experts, gating=gating)
-    return MoEModifier.default_config().set(moe=moe, every=2).instantiate()(cfg)
-
-
-def pt_moe_tiny() -> Decoder.Config:
-    """2 tracks x 2 blocks of 4 layers (3 local : 1 global, MoE every other layer, top-2 of 4), width 64."""
-    return pt_moe_decoder(
-        vocab_size=2048,
-        dim=64,
-        num_tracks=2,
-        num_blocks=2,
-        block_depth=4,
-        num_heads=4,
-        num_kv_heads=2,
-        hidden_dim=128,
-        num_experts=4,
-        top_k=2,
-        sliding_window=64,
-    )
-
-
-def pt_moe_large() -> Decoder.Config:
-    """A server-scale PT-MoE shape to inspect with `build_abstract` (32.0B parameters, about 6.7B active):
-    4 tracks x 6 blocks of 4 layers, width 2048, 16 heads / 2 KV heads, 3 local (window 4096) : 1 global,
-    top-2-of-16 MoE every other layer. An illustration of the architecture, not Apple's published sizes."""
-    return pt_moe_decoder(
-        vocab_size=153600,
-        dim=2048,
-        num_tracks=4,
-        num_blocks=6,
-        block_depth=4,
-        num_heads=16,
-        num_kv_heads=2,
-        hidden_dim=6144,
-        num_experts=16,
-        top_k=2,
-        sliding_window=4096,
-    )

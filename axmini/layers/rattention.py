@@ -37,17 +37,23 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import ConfigBase, ConfigModifier, find_configs, map_configs
+from axmini.config import (
+    ConfigBase,
+    ConfigModifier,
+    ConfigValueError,
+    check_positive,
+    config_path,
+    fill_child,
+    find_configs,
+    map_configs,
+)
 from axmini.layers.attention import (
     KV,
     QKV,
     Attention,
     AttentionKernel,
-    AttentionOutput,
     KVCache,
     _attend,
-    _path,
-    fill_child,
     map_attention_configs,
 )
 from axmini.layers.linear_attention import (
@@ -59,7 +65,7 @@ from axmini.layers.linear_attention import (
     feature_dim,
 )
 from axmini.layers.norm import RMSNorm
-from axmini.layers.transformer import GlobalLocalModifier, PatternStack, is_stack_config
+from axmini.layers.transformer import BaseStack, GlobalLocalModifier, PatternStack
 from axmini.module import shard_activation
 
 Array = jax.Array
@@ -162,15 +168,14 @@ class RAttention(Attention):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        path = _path(cfg)
         if not self.input_linear.has_kv:
-            raise ValueError(
-                f"{_path(cfg, 'input_linear')} projects queries only, but RAttention keeps a state of its own "
+            raise ConfigValueError(
+                f"{config_path(cfg, 'input_linear')} projects queries only, but RAttention keeps a state of its own "
                 "keys before RoPE and cannot read another layer's keys/values; set kv_sharing=None on the stack "
                 "or keep plain Attention for KV-sharing consumers"
             )
         window_norm, linear_norm = (
-            fill_child(norm, path, input_dim=self.head_dim).set(axis_name="head_dim")
+            fill_child(norm, parent=cfg, input_dim=self.head_dim).set(axis_name="head_dim")
             for norm in (cfg.window_norm, cfg.linear_norm)
         )
         self.window_norm = window_norm.instantiate(rngs=rngs)
@@ -178,14 +183,7 @@ class RAttention(Attention):
 
     def _validate(self) -> None:
         super()._validate()
-        cfg = self.config
-        if cfg.chunk_size <= 0:
-            raise ValueError(f"{_path(cfg, 'chunk_size')}={cfg.chunk_size} must be positive (e.g. 512)")
-        if cfg.state_checkpoint_every is not None and cfg.state_checkpoint_every <= 0:
-            raise ValueError(
-                f"{_path(cfg, 'state_checkpoint_every')}={cfg.state_checkpoint_every} must be positive "
-                "(or None: keep every chunk state)"
-            )
+        check_positive(self.config, "chunk_size", "state_checkpoint_every")
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> RAttentionCache:
         """An empty cache: w + 1 token slots and the linear state; the same size for any `max_length`."""
@@ -198,21 +196,34 @@ class RAttention(Attention):
             window, jnp.zeros(shape, dtype), empty_state(batch_size, self.num_kv_heads, key_dim, self.head_dim)
         )
 
-    def __call__(
+    def _check_inputs(
         self,
         x: Array,
-        *,
         positions: Array,
-        segment_ids: Array | None = None,
+        segment_ids: Array | None,
+        *,
         cache: RAttentionCache | None = None,
         shared_kv: KV | None = None,
-    ) -> AttentionOutput:
+    ) -> None:
+        """Attention's shape checks; RAttention keeps its own keys, so `shared_kv` is refused."""
         if shared_kv is not None:
-            raise ValueError(f"{_path(self.config)}: RAttention cannot consume shared_kv (see its docstring)")
-        out = self.branches(x, positions=positions, segment_ids=segment_ids, cache=cache)
-        combined = self.window_norm(out.window) + self.linear_norm(out.linear)
-        y = shard_activation(self.output_linear(combined), ("batch", "length", "embed"))
-        return AttentionOutput(y, out.cache, out.kv)
+            raise ValueError(f"{config_path(self.config)}: RAttention cannot consume shared_kv (see its docstring)")
+        del cache  # Constant size: any cache from init_cache fits every position.
+        super()._check_inputs(x, positions, segment_ids)
+
+    def _attend_heads(
+        self,
+        raw: QKV,
+        rotated: QKV,
+        positions: Array,
+        segment_ids: Array | None,
+        cache: RAttentionCache | None,
+        shared_kv: KV | None,
+    ) -> tuple[Array, RAttentionCache | None, KV]:
+        """The two branches, each normalized per head, summed."""
+        del shared_kv  # Refused by _check_inputs.
+        out = self._branches(raw, rotated, positions, segment_ids, cache)
+        return self.window_norm(out.window) + self.linear_norm(out.linear), out.cache, out.kv
 
     def branches(
         self,
@@ -223,16 +234,16 @@ class RAttention(Attention):
         cache: RAttentionCache | None = None,
     ) -> RAttentionBranches:
         """The two branch outputs (before their norms), the updated cache and the keys/values attended."""
+        self._check_inputs(x, positions, segment_ids, cache=cache)
+        return self._branches(*self._qkv(x, positions), positions, segment_ids, cache)
+
+    def _branches(
+        self, raw: QKV, rotated: QKV, positions: Array, segment_ids: Array | None, cache: RAttentionCache | None
+    ) -> RAttentionBranches:
         cfg = self.config
-        self._check_shapes(x, positions, segment_ids)
-        batch, length = x.shape[:2]
+        batch, length = positions.shape
         head_axes = ("batch", "length", "heads", "head_dim")
         kv_axes = ("batch", "length", "kv_heads", "head_dim")
-        x = shard_activation(x, ("batch", "length", "embed"))
-        raw = self.input_linear.project(x)
-        if self.q_norm is not None:
-            raw = QKV(self.q_norm(raw.q), self.k_norm(raw.k), raw.v)
-        rotated = self.input_linear.rotate(raw, positions)
 
         valid = positions >= 0 if segment_ids is None else (positions >= 0) & (segment_ids != 0)
         own_segments = segment_ids is not None and cache is None  # In cache mode ids only mark padding.
@@ -298,14 +309,6 @@ class RAttention(Attention):
         )
         return RAttentionBranches(window_out, linear_out, new_cache, KV(keys, values, key_positions, None))
 
-    def _check_shapes(self, x: Array, positions: Array, segment_ids: Array | None) -> None:
-        name = type(self).__name__
-        if x.ndim != 3 or x.shape[-1] != self.config.input_dim:
-            raise ValueError(f"{name}: x must be [B, T, {self.config.input_dim}], got {x.shape}")
-        for label, value in (("positions", positions), ("segment_ids", segment_ids)):
-            if value is not None and value.shape != x.shape[:2]:
-                raise ValueError(f"{name}: {label} must be [B, T] = {x.shape[:2]}, got {value.shape}")
-
 
 # ----------------------------------------------------------------------------------------------------
 # Feature modifier.
@@ -342,17 +345,27 @@ class RAttentionModifier(ConfigModifier):
 
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
         mcfg = self.config
-        if mcfg.sliding_window <= 0:
-            raise ValueError(f"{_path(mcfg, 'sliding_window')}={mcfg.sliding_window} must be positive (e.g. 512)")
-        shared = [path or "<root>" for path, stack in find_configs(cfg, is_stack_config) if stack.kv_sharing]
+        check_positive(mcfg, "sliding_window")
+        shared = [path or "<root>" for path, stack in find_configs(cfg, BaseStack.matches) if stack.kv_sharing]
         if shared:
-            raise ValueError(
+            raise ConfigValueError(
                 f"RAttentionModifier: {', '.join(shared)} share keys/values between layers (kv_sharing), which "
-                "RAttention cannot do; set kv_sharing=None there first (rattention_variant does)"
+                "RAttention cannot do; set kv_sharing=None there first (experiments.decoders.rattention_variant does)"
+            )
+        subclasses = [
+            f"{path or '<root>'} ({attention.klass.__qualname__})"
+            for path, attention in find_configs(cfg, Attention.matches)
+            if attention.klass is not Attention and not RAttention.matches(attention)
+        ]
+        if subclasses:
+            raise ConfigValueError(
+                f"RAttentionModifier: {', '.join(subclasses)} build a subclass of Attention, which RAttention would "
+                "replace together with what the subclass adds; make them plain Attention first, or convert them "
+                "with to_rattention yourself"
             )
 
         def convert(attention: ConfigBase) -> ConfigBase:
-            if attention.klass is not Attention:  # Already RAttention, or another attention family.
+            if RAttention.matches(attention):
                 return attention
             return to_rattention(attention, sliding_window=mcfg.sliding_window, feature_map=mcfg.feature_map)
 
@@ -374,13 +387,3 @@ class RAttentionModifier(ConfigModifier):
             return stack.set(pattern=local + list(stack.pattern[mcfg.local_layers :]))
 
         return map_configs(cfg, PatternStack, convert_local_layers)
-
-
-def rattention_variant(
-    model: ConfigBase, *, sliding_window: int = 512, layout: RAttentionLayout = RAttentionLayout.LOCAL_GLOBAL
-) -> ConfigBase:
-    """The RAttention variant of a model config: KV sharing off (RAttention keeps its own keys), then
-    `RAttentionModifier` with `layout` (default: 3 local RAttention : 1 global NoPE attention, window 512)."""
-    model = map_configs(model, is_stack_config, lambda stack: stack.set(kv_sharing=None))
-    modifier = RAttentionModifier.default_config().set(sliding_window=sliding_window, layout=layout)
-    return modifier.instantiate()(model)

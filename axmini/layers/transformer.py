@@ -16,7 +16,6 @@ new tokens are written into it (prefill or one-step extend).
 from __future__ import annotations
 
 import enum
-import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,20 +23,24 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, ConfigBase, ConfigModifier, Required, find_configs, map_configs, replace_config
-from axmini.layers.attention import (
-    KV,
-    Attention,
-    BaseQKVProjection,
-    QueryOnlyProjection,
-    SlidingWindowModifier,
-    _path,
-    is_attention_config,
+from axmini.config import (
+    REQUIRED,
+    ConfigBase,
+    ConfigModifier,
+    ConfigValueError,
+    Required,
+    check_positive,
+    config_path,
+    fill_child,
+    find_configs,
+    map_configs,
+    replace_config,
 )
+from axmini.layers.attention import KV, Attention, BaseQKVProjection, QueryOnlyProjection, SlidingWindowModifier
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPEProjection
-from axmini.module import AuxLoss, Layer, Summary
+from axmini.module import AuxLoss, Layer, Summary, resow, stack_modules
 
 Array = jax.Array
 
@@ -60,11 +63,14 @@ class TransformerLayer(Layer):
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        dim = cfg.input_dim
-        self.attention_norm = cfg.norm.clone(input_dim=dim).instantiate(rngs=rngs)
-        self.self_attention = cfg.self_attention.clone(input_dim=dim).instantiate(rngs=rngs)
-        self.feed_forward_norm = cfg.norm.clone(input_dim=dim).instantiate(rngs=rngs)
-        self.feed_forward = cfg.feed_forward.clone(input_dim=dim).instantiate(rngs=rngs)
+        norm, attention, feed_forward = (
+            fill_child(child, parent=cfg, input_dim=cfg.input_dim)
+            for child in (cfg.norm, cfg.self_attention, cfg.feed_forward)
+        )
+        self.attention_norm = norm.instantiate(rngs=rngs)
+        self.self_attention = attention.instantiate(rngs=rngs)
+        self.feed_forward_norm = norm.instantiate(rngs=rngs)
+        self.feed_forward = feed_forward.instantiate(rngs=rngs)
 
     def __call__(
         self,
@@ -115,15 +121,13 @@ class StackOutput(NamedTuple):
 
 def is_leaf_projection(cfg: ConfigBase) -> bool:
     """A QKV projection config that does the projecting itself (not a wrapper such as RoPE)."""
-    return isinstance(cfg, BaseQKVProjection.Config) and not isinstance(
-        getattr(cfg, "inner", None), BaseQKVProjection.Config
-    )
+    return BaseQKVProjection.matches(cfg) and not cfg.klass.wraps_projection
 
 
 def kv_consumer_config(layer_cfg: ConfigBase, path: str) -> ConfigBase:
     """`layer_cfg` with every key/value-producing projection replaced by a query-only one."""
     if not find_configs(layer_cfg, is_leaf_projection):
-        raise ValueError(
+        raise ConfigValueError(
             f"{path}: KV sharing needs layers whose attention has a QKV projection slot (input_linear); "
             f"{type(layer_cfg).__qualname__} has none. Set kv_sharing=None or use such an attention"
         )
@@ -132,7 +136,7 @@ def kv_consumer_config(layer_cfg: ConfigBase, path: str) -> ConfigBase:
 
 def _windows(layer_cfg: ConfigBase) -> set[int | None]:
     """The sliding windows (None = global) of the attentions in a layer config."""
-    return {getattr(c, "sliding_window", None) for _, c in find_configs(layer_cfg, is_attention_config)}
+    return {attention.sliding_window for _, attention in find_configs(layer_cfg, Attention.matches)}
 
 
 class BaseStack(Layer):
@@ -147,9 +151,7 @@ class BaseStack(Layer):
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
-        cfg = self.config
-        if cfg.num_layers <= 0:
-            raise ValueError(f"{_path(cfg, 'num_layers')}={cfg.num_layers} must be positive")
+        check_positive(self.config, "num_layers")
 
     @property
     def num_kv_layers(self) -> int:
@@ -160,8 +162,8 @@ class BaseStack(Layer):
         first, second = cfg.kv_sharing
         total = first + second
         if first <= 0 or second <= 0 or (cfg.num_layers * first) % total:
-            raise ValueError(
-                f"{_path(cfg, 'kv_sharing')}={cfg.kv_sharing} does not split {_path(cfg, 'num_layers')}="
+            raise ConfigValueError(
+                f"{config_path(cfg, 'kv_sharing')}={cfg.kv_sharing} does not split {config_path(cfg, 'num_layers')}="
                 f"{cfg.num_layers} into two whole, non-empty blocks; use a ratio a:b with a, b > 0 and "
                 f"num_layers * a divisible by a + b (e.g. (5, 3) for 56 layers gives 35 + 21)"
             )
@@ -171,16 +173,16 @@ class BaseStack(Layer):
         """Per-layer configs with input_dim filled and second-block layers made KV consumers."""
         cfg = self.config
         n_kv = self.num_kv_layers
-        layer_cfgs = [c.clone(input_dim=cfg.input_dim) for c in layer_cfgs]
+        layer_cfgs = [fill_child(c, parent=cfg, input_dim=cfg.input_dim) for c in layer_cfgs]
         if n_kv == cfg.num_layers:
             return layer_cfgs
-        path = _path(cfg, "kv_sharing")
+        path = config_path(cfg, "kv_sharing")
         provider = _windows(layer_cfgs[n_kv - 1])
         for i in range(n_kv, cfg.num_layers):
             layer_cfgs[i] = kv_consumer_config(layer_cfgs[i], path)
             for window in _windows(layer_cfgs[i]):
                 if any(w is not None and (window is None or window > w) for w in provider):
-                    raise ValueError(
+                    raise ConfigValueError(
                         f"{path}: layer {i} attends with sliding_window={window} (None = global) to the keys/"
                         f"values of layer {n_kv - 1} (sliding_window={sorted(provider, key=str)}), whose cache "
                         "only holds its own window; decoding would differ from training. Make the last "
@@ -195,28 +197,6 @@ class BaseStack(Layer):
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
         raise NotImplementedError(type(self))
-
-
-def _stacked_layers(cfg: ConfigBase, num: int, rngs: nnx.Rngs) -> nnx.Module:
-    """`num` layers built from `cfg`, as one module whose parameters have a leading `layers` axis."""
-    module = _create_stacked(cfg.freeze(), num, rngs)
-    for _, node in nnx.iter_graph(module):
-        if isinstance(node, nnx.Param):
-            axes = node.get_metadata().get("axes") or (None,) * (node.get_value().ndim - 1)
-            node.set_metadata(axes=("layers", *axes))
-    return module
-
-
-@functools.partial(nnx.jit, static_argnums=(0, 1))
-def _create_stacked(cfg: ConfigBase, num: int, rngs: nnx.Rngs) -> nnx.Module:
-    """Initializes the layers in one compiled call (eagerly, vmapped initializers compile op by op)."""
-
-    @nnx.split_rngs(splits=num)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs: nnx.Rngs) -> nnx.Module:
-        return cfg.instantiate(rngs=rngs)
-
-    return create(rngs)
 
 
 def _scan_layers(
@@ -259,11 +239,7 @@ def _scan_layers(
         return (out.x, out.kv if want_kv else None), (out.cache, aux)
 
     (x, kv), (new_cache, (losses, summaries)) = jax.lax.scan(body, (x, kv), (state, cache))
-    modules = dict(nnx.iter_modules(layers))
-    for path, variable in nnx.to_flat_state(losses):
-        modules[path[:-1]].add_aux_loss(path[-1], jnp.sum(variable.get_value(), axis=0))
-    for path, variable in nnx.to_flat_state(summaries):
-        modules[path[:-1]].add_summary(path[-1], variable.get_value())
+    resow(layers, losses, summaries)
     return x, new_cache if cache is not None else None, kv
 
 
@@ -282,9 +258,9 @@ class RepeatedStack(BaseStack):
         cfg = self.config
         n_kv = self.num_kv_layers
         layer_cfgs = self._block_configs([cfg.layer] * cfg.num_layers)
-        self.layers = _stacked_layers(layer_cfgs[0], n_kv, rngs)
+        self.layers = stack_modules(layer_cfgs[0], n_kv, axis="layers", rngs=rngs)
         n_shared = cfg.num_layers - n_kv
-        self.shared_kv_layers = _stacked_layers(layer_cfgs[-1], n_shared, rngs) if n_shared else None
+        self.shared_kv_layers = stack_modules(layer_cfgs[-1], n_shared, axis="layers", rngs=rngs) if n_shared else None
 
     def __call__(
         self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
@@ -335,9 +311,9 @@ class PatternStack(BaseStack):
         cfg = self.config
         period = len(cfg.pattern)
         if period == 0 or cfg.num_layers % period:
-            raise ValueError(
-                f"{_path(cfg, 'num_layers')}={cfg.num_layers} is not a multiple of the pattern length "
-                f"len({_path(cfg, 'pattern')})={period}; use num_layers = k * {period or 'len(pattern)'}"
+            raise ConfigValueError(
+                f"{config_path(cfg, 'num_layers')}={cfg.num_layers} is not a multiple of the pattern length "
+                f"len({config_path(cfg, 'pattern')})={period}; use num_layers = k * {period or 'len(pattern)'}"
             )
         layer_cfgs = self._block_configs([cfg.pattern[i % period] for i in range(cfg.num_layers)])
         self.layers = nnx.List([c.instantiate(rngs=rngs) for c in layer_cfgs])
@@ -369,12 +345,21 @@ def _call_layer(
     return layer(x, positions=positions, segment_ids=segment_ids, cache=cache, shared_kv=shared_kv)
 
 
+def to_pattern_stack(stack: BaseStack.Config) -> PatternStack.Config:
+    """`stack` as a PatternStack config (a RepeatedStack's layer becomes a pattern of one), with every other field
+    carried over: what a modifier that gives a stack per-layer patterns starts from."""
+    if PatternStack.matches(stack):
+        return stack.clone()
+    if not RepeatedStack.matches(stack):
+        raise ConfigValueError(f"{type(stack).__qualname__} is neither a RepeatedStack nor a PatternStack config")
+    result = PatternStack.default_config()
+    for name in set(result.field_names()) & set(stack.field_names()) - {"klass", "pattern"}:
+        setattr(result, name, getattr(stack, name))
+    return result.set(pattern=[stack.layer])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Feature modifiers.
-
-
-def is_stack_config(cfg: ConfigBase) -> bool:
-    return isinstance(cfg, BaseStack.Config)
 
 
 class KVSharingModifier(ConfigModifier):
@@ -385,7 +370,7 @@ class KVSharingModifier(ConfigModifier):
         split: tuple[int, int] = (5, 3)
 
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
-        return map_configs(cfg, is_stack_config, lambda stack: stack.set(kv_sharing=tuple(self.config.split)))
+        return map_configs(cfg, BaseStack.matches, lambda stack: stack.set(kv_sharing=tuple(self.config.split)))
 
 
 class GlobalLocalModifier(ConfigModifier):
@@ -400,26 +385,22 @@ class GlobalLocalModifier(ConfigModifier):
         strip_global_rope: bool = True
 
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
-        mcfg = self.config
-        for name in ("local_layers", "global_layers", "sliding_window"):
-            if getattr(mcfg, name) <= 0:
-                raise ValueError(f"{_path(mcfg, name)}={getattr(mcfg, name)} must be positive")
-        return map_configs(cfg, is_stack_config, self._convert)
+        check_positive(self.config, "local_layers", "global_layers", "sliding_window")
+        for path, stack in find_configs(cfg, BaseStack.matches):
+            period = len(to_pattern_stack(stack).pattern)
+            if period != 1:
+                raise ConfigValueError(
+                    f"GlobalLocalModifier: {path or '<root>'} already has a pattern of {period} layer configs; "
+                    "apply it to a stack with one layer config"
+                )
+        return map_configs(cfg, BaseStack.matches, self._convert)
 
     def _convert(self, stack: ConfigBase) -> ConfigBase:
         mcfg = self.config
-        layers = [stack.layer] if isinstance(stack, RepeatedStack.Config) else list(stack.pattern)
-        if len(layers) != 1:
-            raise ValueError(
-                f"GlobalLocalModifier: {getattr(stack, '_path', '') or 'the stack'} already has a pattern of "
-                f"{len(layers)} layer configs; apply it to a stack with one layer config"
-            )
+        stack = to_pattern_stack(stack)
         window = SlidingWindowModifier.default_config().set(sliding_window=mcfg.sliding_window).instantiate()
-        local = window(layers[0].clone())
-        global_ = layers[0].clone()
+        local = window(stack.pattern[0].clone())
+        global_ = stack.pattern[0].clone()
         if mcfg.strip_global_rope:
             global_ = map_configs(global_, RoPEProjection, lambda rope: rope.inner)
-        result = PatternStack.default_config()
-        for name in set(result.field_names()) & set(stack.field_names()) - {"klass", "pattern"}:
-            setattr(result, name, getattr(stack, name))
-        return result.set(pattern=[local] * mcfg.local_layers + [global_] * mcfg.global_layers)
+        return stack.set(pattern=[local] * mcfg.local_layers + [global_] * mcfg.global_layers)

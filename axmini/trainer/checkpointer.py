@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from axmini.config import REQUIRED, Configurable, Required
+from axmini.config import REQUIRED, Configurable, Required, check_positive
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,7 @@ class Checkpointer(Configurable):
         """`read_only`: for readers beside a running trainer (sampling): nothing is created, cleaned or saved."""
         super().__init__(cfg)
         cfg = self.config
-        path = getattr(cfg, "_path", "") or "checkpointer"
-        if cfg.save_every_n_steps <= 0 or cfg.keep_last_n <= 0:
-            raise ValueError(
-                f"{path}: save_every_n_steps={cfg.save_every_n_steps} and keep_last_n={cfg.keep_last_n} "
-                "must be positive"
-            )
+        check_positive(cfg, "save_every_n_steps", "keep_last_n")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep_last_n,
             enable_async_checkpointing=cfg.async_save,

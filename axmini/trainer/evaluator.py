@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from axmini.config import Configurable
+from axmini.config import Configurable, ConfigValueError, check_positive, config_path
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 
 
@@ -53,13 +53,12 @@ class Evaluator(Configurable):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         cfg = self.config
-        path = getattr(cfg, "_path", "") or "evaluator"
-        if cfg.every_n_steps <= 0:
-            raise ValueError(f"{path}.every_n_steps={cfg.every_n_steps} must be positive")
-        if cfg.num_batches is not None and cfg.num_batches <= 0:
-            raise ValueError(f"{path}.num_batches={cfg.num_batches} must be positive (or None: the whole input)")
+        check_positive(cfg, "every_n_steps", "num_batches")  # num_batches None: the whole input.
         if cfg.input is not None and cfg.num_batches is None and getattr(cfg.input, "num_epochs", 1) is None:
-            raise ValueError(f"{path}: input.num_epochs=None repeats forever; set num_batches or input.num_epochs=1")
+            raise ConfigValueError(
+                f"{config_path(cfg.input, 'num_epochs')}=None repeats forever; set "
+                f"{config_path(cfg, 'num_batches')} or {config_path(cfg.input, 'num_epochs')}=1"
+            )
         self.input: Input | None = cfg.input.instantiate() if cfg.input is not None else None
         self._batches: list[Batch] | None = None
         self._unigram_entropy: float | None = None

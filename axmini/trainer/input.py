@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from axmini.config import REQUIRED, Configurable, Required
+from axmini.config import REQUIRED, Configurable, ConfigValueError, Required, check_positive, config_path
 from axmini.trainer import corpus
 
 DEFAULT_TASK = "axmini_corpus"
@@ -64,16 +64,11 @@ class Input(Configurable):
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         cfg = self.config
-        path = getattr(cfg, "_path", "") or "input"
-        if cfg.global_batch_size <= 0 or cfg.sequence_length <= 0:
-            raise ValueError(
-                f"{path}: global_batch_size={cfg.global_batch_size} and sequence_length={cfg.sequence_length} "
-                "must be positive"
-            )
+        check_positive(cfg, "global_batch_size", "sequence_length")
         if cfg.global_batch_size % jax.process_count():
-            raise ValueError(
-                f"{path}.global_batch_size={cfg.global_batch_size} does not split over {jax.process_count()} "
-                "processes; make it a multiple of the process count"
+            raise ConfigValueError(
+                f"{config_path(cfg, 'global_batch_size')}={cfg.global_batch_size} does not split over "
+                f"{jax.process_count()} processes; make it a multiple of the process count"
             )
 
     @property
@@ -202,7 +197,7 @@ def get_task_or_mixture(name: str, modules: tuple[str, ...] | list[str] = (), pa
     if name not in known:
         close = difflib.get_close_matches(name, [*known, DEFAULT_TASK], n=2, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(
+        raise ConfigValueError(
             f"{path}={name!r} is not a registered seqio task or mixture{hint} "
             "(register it in a module listed in task_modules)"
         )
@@ -251,8 +246,7 @@ class SeqioInput(Input):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        path = getattr(self.config, "_path", "") or "input"
-        self._task = get_task_or_mixture(self.config.task, self.config.task_modules, f"{path}.task")
+        self._task = get_task_or_mixture(self.config.task, self.config.task_modules, config_path(self.config, "task"))
 
     def vocabulary(self) -> Any:
         return self._task.output_features["targets"].vocabulary

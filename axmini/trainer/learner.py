@@ -19,7 +19,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from axmini.config import REQUIRED, Configurable, FunctionConfigBase, Required, config_for_function, maybe_instantiate
+from axmini.config import (
+    REQUIRED,
+    Configurable,
+    ConfigValueError,
+    FunctionConfigBase,
+    Required,
+    config_for_function,
+    config_path,
+    maybe_instantiate,
+)
 
 
 class Decay(enum.Enum):
@@ -97,7 +106,9 @@ class Learner(Configurable):
             try:
                 re.compile(pattern)
             except re.error as e:
-                raise ValueError(f"learner.no_decay_patterns: {pattern!r} is not a valid regex ({e}); fix it") from None
+                raise ConfigValueError(
+                    f"{config_path(cfg, 'no_decay_patterns')}: {pattern!r} is not a valid regex ({e}); fix it"
+                ) from None
         schedule_kwargs = {}
         if isinstance(cfg.learning_rate, FunctionConfigBase) and "total_steps" in cfg.learning_rate.field_names():
             if cfg.learning_rate.total_steps is REQUIRED:
@@ -105,7 +116,9 @@ class Learner(Configurable):
         self.schedule: Callable[[Any], Any] | float = maybe_instantiate(cfg.learning_rate, **schedule_kwargs)
         names = cfg.optimizer.field_names()
         if "learning_rate" not in names:
-            raise ValueError(f"learner.optimizer: {cfg.optimizer.fn} takes no learning_rate; use an optax optimizer")
+            raise ConfigValueError(
+                f"{config_path(cfg, 'optimizer')}: {cfg.optimizer.fn} takes no learning_rate; use an optax optimizer"
+            )
         kwargs: dict[str, Any] = {"learning_rate": self.schedule}
         mask_field = next((n for n in ("mask", "weight_decay_mask") if n in names), None)
         if mask_field:

@@ -31,7 +31,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from axmini.config import REQUIRED, Configurable, Required
+from axmini.config import (
+    REQUIRED,
+    Configurable,
+    ConfigValueError,
+    Required,
+    check_non_negative,
+    check_positive,
+    config_path,
+    fill_child,
+)
 from axmini.mesh_rules import (
     MeshRule,
     default_mesh_rules,
@@ -152,40 +161,38 @@ class Trainer(Configurable):
             cfg.checkpointer.dir = str(Path(cfg.dir) / "checkpoints")
         if cfg.summary_writer.dir is REQUIRED:
             cfg.summary_writer.dir = cfg.dir
-        cfg.learner.max_step = cfg.max_step
+        cfg.learner = fill_child(cfg.learner, parent=cfg, max_step=cfg.max_step)
         return cfg
 
     def _check(self, cfg: Config) -> None:
-        if cfg.max_step < 0:
-            raise ValueError(f"max_step={cfg.max_step} must be >= 0")
-        if cfg.microbatches <= 0 or cfg.log_every_n_steps <= 0:
-            raise ValueError(
-                f"microbatches={cfg.microbatches} and log_every_n_steps={cfg.log_every_n_steps} must be positive"
-            )
+        check_non_negative(cfg, "max_step")
+        check_positive(cfg, "microbatches", "log_every_n_steps")
         spec = logical_to_spec(BATCH_AXES, self.rules)
         batch_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
         shards = math.prod(self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape)
         where = f"batch shards (mesh {dict(self.mesh.shape)}, mesh rule {self.mesh_rule.pattern!r})"
         batch = cfg.input.global_batch_size
         if batch % (shards * cfg.microbatches):
-            raise ValueError(
-                f"input.global_batch_size={batch} must be a multiple of microbatches={cfg.microbatches} x "
-                f"{shards} {where}"
+            raise ConfigValueError(
+                f"{config_path(cfg.input, 'global_batch_size')}={batch} must be a multiple of "
+                f"{config_path(cfg, 'microbatches')}={cfg.microbatches} x {shards} {where}"
             )
         eval_input = cfg.evaluator.input
         if eval_input is not None and eval_input.global_batch_size % shards:
-            raise ValueError(
-                f"evaluator.input.global_batch_size={eval_input.global_batch_size} must be a multiple of {shards} "
-                f"{where}"
+            raise ConfigValueError(
+                f"{config_path(eval_input, 'global_batch_size')}={eval_input.global_batch_size} must be a multiple "
+                f"of {shards} {where}"
             )
 
     def _check_vocab(self, cfg: Config) -> None:
         model_vocab = getattr(cfg.model, "vocab_size", None)
         input_vocab = self.input.vocab_size()
         if isinstance(model_vocab, int) and input_vocab is not None and input_vocab > model_vocab:
-            raise ValueError(
-                f"model.vocab_size={model_vocab} is smaller than the input's vocabulary ({input_vocab} ids, "
-                f"input.task or input.vocab_size); set model.vocab_size >= {input_vocab}"
+            vocab_size = config_path(cfg.model, "vocab_size")
+            raise ConfigValueError(
+                f"{vocab_size}={model_vocab} is smaller than the input's vocabulary ({input_vocab} ids, "
+                f"{config_path(cfg.input, 'task')} or {config_path(cfg.input, 'vocab_size')}); "
+                f"set {vocab_size} >= {input_vocab}"
             )
 
     @staticmethod

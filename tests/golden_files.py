@@ -1,7 +1,8 @@
 """Golden files: the `debug_string()` of named configs and the parameter shapes of the models they build.
 
 A golden test compares today's text with the file checked in; a deliberate change is recorded by
-re-running with `pytest --update-golden` (or `UPDATE_GOLDEN=1`) and reviewing the diff.
+re-running with `pytest --update-golden` (or `UPDATE_GOLDEN=1`) and reviewing the diff. Test harness only (the
+switch is in conftest.py): nothing in the library or the command uses it.
 """
 
 from __future__ import annotations
