@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -139,6 +140,26 @@ def test_terminated_launcher_stops_its_processes(tmp_path: Path) -> None:
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in pids)
+
+
+def test_killed_launcher_leaves_no_worker(tmp_path: Path) -> None:
+    """SIGKILL gives the launcher no chance to stop anything: the workers must die with it (parent-death signal)."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    launcher_proc = subprocess.Popen([sys.executable, "-c", LAUNCHER_PROGRAM, str(tmp_path)], env=env)
+    pid_files = [tmp_path / "pids0", tmp_path / "pids1"]
+    deadline = time.monotonic() + 60
+    while not all(f.exists() and f.read_text() for f in pid_files) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [int(f.read_text().split()[0]) for f in pid_files]
+    launcher_proc.kill()
+    assert launcher_proc.wait(timeout=30) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers)
+    for f in pid_files:  # The workers' own children are theirs to stop; clean up after the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(f.read_text().split()[1]), signal.SIGKILL)
 
 
 def test_timeout_stops_every_process(tmp_path: Path) -> None:

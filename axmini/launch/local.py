@@ -4,7 +4,9 @@ Each process gets the AXMINI_* variables that `axmini.launch.distributed.initial
 a free loopback port, its process id, K simulated CPU devices), so N processes x K devices run the same program as
 one process with N*K devices. Output is streamed line by line with a `[p<i>]` prefix. When a process fails, the
 others are stopped: SIGTERM to each process group, then SIGKILL after a grace period (a JAX process blocked in a
-collective catches SIGTERM and would otherwise hang forever waiting for its dead peer).
+collective catches SIGTERM and would otherwise hang forever waiting for its dead peer). The launcher stops them the
+same way when it gets SIGTERM or SIGHUP; when it is killed outright (SIGKILL), Linux kills them: each asks for
+SIGKILL on its parent's death (prctl PR_SET_PDEATHSIG) before its command starts (`dies_with_launcher`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,25 @@ def process_env(
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+# Run before each process's command (Linux): ask for SIGKILL when the launcher dies, even by SIGKILL
+# (prctl(PR_SET_PDEATHSIG = 1), kept across exec), then become the command. A stub rather than a preexec_fn, which
+# would fork a launcher that may be multithreaded (JAX) and run Python in the child.
+_DIE_WITH_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"  # The launcher died before the call: nobody is left to signal us.
+    "    os._exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def dies_with_launcher(command: Sequence[str]) -> list[str]:
+    """`command`, started so that Linux kills it when this process (the launcher) dies; unchanged elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-c", _DIE_WITH_LAUNCHER, str(os.getpid()), *command]
 
 
 def _stream(prefix: str, source: IO[bytes], sink: IO[str], lock: threading.Lock) -> None:
@@ -145,7 +166,7 @@ def run_local(
     try:
         for i in range(num_processes):
             proc = subprocess.Popen(
-                list(command),
+                dies_with_launcher(command),
                 env=process_env(i, num_processes, devices_per_process, port, base),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
