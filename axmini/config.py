@@ -19,12 +19,14 @@ is what golden files and the modularity report compare.
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import dataclasses
 import difflib
 import enum
 import functools
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -101,6 +103,27 @@ class ConfigValueError(ConfigError, ValueError):
 # Type checking of field values.
 
 
+class ValueType:
+    """A field type that checks and parses its own values (e.g. a dtype): annotate a field with a subclass.
+
+    Plain Python types are checked with isinstance; a value type says itself what it accepts, and how a
+    command-line `--set` text becomes a value.
+    """
+
+    @classmethod
+    def type_error(cls, value: Any) -> str | None:
+        """Why `value` is not of this type, or None when it is."""
+        raise NotImplementedError(cls)
+
+    @classmethod
+    def parse(cls, text: str) -> Any:
+        """The value that command-line `text` stands for; ValueError when it stands for none."""
+        raise NotImplementedError(cls)
+
+
+_INT64 = (-(2**63), 2**63)  # Every int of a config ends up in numpy or jax: larger ones are refused as they are set.
+
+
 def _type_name(hint: Any) -> str:
     if hint is _RequiredType:
         return "REQUIRED"
@@ -115,6 +138,8 @@ def _type_error(value: Any, hint: Any) -> str | None:
     """Returns why `value` does not fit `hint`, or None when it fits."""
     if hint is Any or hint is object:
         return None
+    if isinstance(hint, type) and issubclass(hint, ValueType):
+        return hint.type_error(value)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is Union or origin is types.UnionType:
@@ -130,7 +155,9 @@ def _type_error(value: Any, hint: Any) -> str | None:
             return None
         return f"expected a subclass of {_type_name(args[0]) if args else 'object'}, got {value!r}"
     if origin in (Callable, typing.Callable) or hint in (Callable, typing.Callable):
-        return None if callable(value) else f"expected a callable, got {_describe(value)}"
+        if callable(value) or isinstance(value, InstantiableConfig):  # A config builds the callable when needed.
+            return None
+        return f"expected a callable, got {_describe(value)}"
     if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
         container = origin or hint
         allowed = (list, tuple) if container in (Sequence, typing.Sequence) else (container,)
@@ -165,8 +192,12 @@ def _type_error(value: Any, hint: Any) -> str | None:
             return None
         if hint is int and isinstance(value, bool):
             return f"expected int, got bool {value!r}"
+        if hint is int and isinstance(value, int) and not _INT64[0] <= value < _INT64[1]:
+            return f"expected a 64-bit int, got {value}"
         if isinstance(value, hint):
             return None
+        if issubclass(hint, enum.Enum):
+            return f"expected {hint.__name__} (one of {', '.join(hint.__members__)}), got {_describe(value)}"
         if issubclass(hint, ConfigBase) and isinstance(value, ConfigBase):
             return (
                 f"expected a config of the {_type_name(hint)} family, "
@@ -443,34 +474,55 @@ def config_path(cfg: ConfigBase, field: str | None = None) -> str:
     return f"{base}.{field}" if base else field
 
 
-def check_positive(cfg: ConfigBase, *fields: str) -> None:
-    """Refuses any of `fields` of `cfg` that is set (not None) and not > 0, naming it by its path."""
+def _check_numbers(cfg: ConfigBase, fields: Sequence[str], ok: Callable[[float], bool], requirement: str) -> None:
+    """Refuses the first of `fields` that holds a number (not None, REQUIRED or a callable) that is not finite or
+    fails `ok`, naming it by its path."""
     for name in fields:
         value = getattr(cfg, name)
-        if value is not None and not value > 0:
-            raise ConfigValueError(f"{config_path(cfg, name)}={value} must be positive")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not (math.isfinite(value) and ok(value)):
+            raise ConfigValueError(f"{config_path(cfg, name)}={value} must be {requirement}")
+
+
+def check_positive(cfg: ConfigBase, *fields: str) -> None:
+    """Refuses any of `fields` of `cfg` that is set (not None) and not a finite number > 0, naming it by its path."""
+    _check_numbers(cfg, fields, lambda v: v > 0, "positive")
 
 
 def check_non_negative(cfg: ConfigBase, *fields: str) -> None:
-    """Refuses any of `fields` of `cfg` that is set (not None) and negative, naming it by its path."""
-    for name in fields:
-        value = getattr(cfg, name)
-        if value is not None and value < 0:
-            raise ConfigValueError(f"{config_path(cfg, name)}={value} must be >= 0")
+    """Refuses any of `fields` of `cfg` that is set (not None) and not a finite number >= 0, naming it by its path."""
+    _check_numbers(cfg, fields, lambda v: v >= 0, ">= 0")
+
+
+def check_range(cfg: ConfigBase, *fields: str, low: float, high: float, include_high: bool = False) -> None:
+    """Refuses any of `fields` of `cfg` that is set and outside [low, high) (or [low, high] with `include_high`)."""
+    interval = f"in [{low}, {high}{']' if include_high else ')'}"
+    _check_numbers(cfg, fields, lambda v: low <= v and (v <= high if include_high else v < high), interval)
+
+
+def _field_default(cfg: ConfigBase, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(cfg) if f.name == name)
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 def fill_child(child: C, *, parent: ConfigBase, **values: Any) -> C:
     """A copy of the `child` config with the fields its `parent` owns (the dims they share) set to `values`.
 
-    A field already set to another value is a conflict (e.g. qk_norm.input_dim != head_dim): it is refused, never
-    silently overwritten. Every parent writes its children's dims through here.
+    A field the user set to another value (neither REQUIRED nor its class default) is a conflict, e.g.
+    `model.embedding.num_embeddings=5` under `model.vocab_size=2048`: it is refused, naming both paths, never
+    silently overwritten. Every parent writes what it owns into its children through here.
     """
     result = child.clone()
     for name, value in values.items():
         current = getattr(result, name, REQUIRED)  # An unknown name is refused by the assignment below.
-        if current is not REQUIRED and current != value:
+        if current is not REQUIRED and current != value and current != _field_default(result, name):
+            owners = [n for n, v in parent.items() if v == value and type(v) is type(value)]
+            source = (
+                f"{config_path(parent, owners[0])}={value!r}, which sets it"
+                if len(owners) == 1
+                else f"{value!r} required by {config_path(parent)}"
+            )
             raise ConfigValueError(
-                f"{config_path(child, name)}={current!r} conflicts with {value!r} required by {config_path(parent)}; "
+                f"{config_path(child, name)}={current!r} conflicts with {source}; "
                 f"leave {name} unset (the parent fills it) or make it equal"
             )
         setattr(result, name, value)
@@ -488,11 +540,19 @@ class Configurable:
                 raise RequiredFieldMissingError(f"{type(self).__qualname__}.klass is not set; use Foo.default_config()")
             _stamp_paths(self, getattr(self, "_tree_path", ""))
             self._check_required()
+            self.klass.check_config(self)
             return self.klass(self, **kwargs)
 
     @classmethod
     def default_config(cls) -> Config:
         return cls.Config(klass=cls)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        """Refuses values of `cfg` this class cannot build from (sizes, ranges, consistent fields) with a
+        ConfigValueError naming the field's path (`check_positive`, `check_range`...). It reads `cfg` alone, where
+        fields its parent fills may still be REQUIRED (the checks skip those): `validate` runs it on every config of
+        a tree before anything is built, and `instantiate` once more. Subclasses extend it, calling super()."""
 
     @classmethod
     def matches(cls, cfg: Any) -> bool:
@@ -515,6 +575,14 @@ class Configurable:
         return self._config
 
 
+def validate(cfg: ConfigBase) -> None:
+    """Checks a whole config tree before anything is built: every Configurable config's `check_config`, root first,
+    so a bad value anywhere is refused by its path (one ConfigValueError) while nothing exists yet."""
+    _stamp_paths(cfg, getattr(cfg, "_tree_path", ""))
+    for _, node in find_configs(cfg, Configurable.matches):
+        node.klass.check_config(node)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Wrapping third-party callables.
 
@@ -532,34 +600,70 @@ class FunctionConfigBase(InstantiableConfig):
         return self.fn(**args)
 
 
-_SIMPLE_TYPES = (int, float, bool, str)
+def _is_checkable(hint: Any) -> bool:
+    return hint in (int, float, bool, str) or (isinstance(hint, type) and issubclass(hint, (enum.Enum, ValueType)))
 
 
-def _simple_hint(annotation: Any) -> Any:
-    """Keeps a parameter annotation when it is one we can check; third-party aliases become Any."""
-    if annotation in _SIMPLE_TYPES:
+def _is_array_type(hint: Any) -> bool:
+    """numpy / jax scalar and array types (and complex): in a config they stand for a Python number."""
+    module = getattr(hint, "__module__", "") or ""
+    return hint is complex or (isinstance(hint, type) and module.split(".")[0] in ("numpy", "jax", "jaxlib"))
+
+
+def _is_callable_hint(hint: Any) -> bool:
+    return hint is Callable or typing.get_origin(hint) is Callable
+
+
+def _checkable_hint(annotation: Any) -> Any:
+    """The part of a third-party parameter annotation we can check: simple types, enums, value types, None and
+    Callable are kept; numpy/jax number and array types stand for a Python float; anything else (an alias we cannot
+    check, a Protocol) makes the whole hint Any. `Union[float, jax.Array, Callable]` (optax's learning rates)
+    becomes `float | Callable`, so `b1=abc` is refused as it is set rather than inside jit."""
+    if _is_checkable(annotation):
         return annotation
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        args = typing.get_args(annotation)
-        if all(a in _SIMPLE_TYPES or a is type(None) for a in args):
-            return annotation
-    return Any
+    if _is_array_type(annotation):
+        return float
+    if typing.get_origin(annotation) not in (Union, types.UnionType):
+        return Any
+    kept: list[Any] = []
+    args = typing.get_args(annotation)
+    numeric = any(_is_array_type(a) for a in args)
+    for arg in args:
+        if _is_array_type(arg) or (numeric and arg is bool):  # A numeric union holds numbers, not flags.
+            kept.append(float)
+        elif _is_checkable(arg) or arg is type(None):
+            kept.append(arg)
+        elif _is_callable_hint(arg):
+            kept.append(Callable)
+        else:
+            return Any
+    return Union[tuple(dict.fromkeys(kept))]
+
+
+def _parameter_hint(parameter: inspect.Parameter, resolved: Mapping[str, Any]) -> Any:
+    """The checkable type of a parameter: its annotation (resolved, or as written when the function's annotations do
+    not all resolve), else the type of a bool or float default."""
+    annotation = resolved.get(parameter.name, parameter.annotation)
+    if isinstance(annotation, str) or annotation is parameter.empty:
+        default = parameter.default
+        return type(default) if isinstance(default, (bool, float)) else Any
+    return _checkable_hint(annotation)
 
 
 @functools.cache
 def _function_config_class(fn: Callable) -> type[FunctionConfigBase]:
     signature = inspect.signature(fn)
     try:
-        annotations = typing.get_type_hints(fn)
-    except Exception:  # Unresolvable third-party annotations: no checking for those parameters.
-        annotations = {}
+        resolved = typing.get_type_hints(fn)
+    except Exception:  # A forward reference that does not resolve (optax's ArrayTree): take each as written.
+        resolved = {}
     params = list(signature.parameters.values())
     fields = []
     for p in params:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         default = REQUIRED if p.default is p.empty else p.default
-        hint = _simple_hint(annotations.get(p.name, Any))
+        hint = _parameter_hint(p, resolved)
         if default is REQUIRED:
             hint = Union[hint, _RequiredType] if hint is not Any else Any
         elif default is None and hint is not Any:
@@ -691,22 +795,33 @@ def replace_config(
 
 
 def _field_hint(parent: Any, key: str | int, hint_of_parent: Any) -> Any:
+    """The declared type of `parent[key]`: a config's field hint, a list's item type, a dict's value type."""
     if isinstance(parent, ConfigBase):
         return parent._field_hints().get(key, Any)
-    args = [a for a in typing.get_args(hint_of_parent) if a is not _RequiredType and a is not type(None)]
-    container = next((a for a in args if typing.get_origin(a) in (list, tuple, Sequence)), hint_of_parent)
-    item_args = typing.get_args(container)
-    return item_args[0] if item_args else Any
+    union = typing.get_origin(hint_of_parent) in (Union, types.UnionType)
+    candidates = typing.get_args(hint_of_parent) if union else (hint_of_parent,)
+    types_ = [(a, typing.get_origin(a) or a) for a in candidates]
+    container = next((a for a, t in types_ if isinstance(t, type) and isinstance(parent, t)), None)
+    args = typing.get_args(container) if container is not None else ()
+    if not args:
+        return Any
+    if isinstance(parent, dict):
+        return args[1]
+    if isinstance(parent, tuple) and not (len(args) == 2 and args[1] is Ellipsis):
+        return args[key] if isinstance(key, int) and -len(args) <= key < len(args) else Any
+    return args[0]
 
 
 def parse_value(text: str, hint: Any, path: str) -> Any:
     """Parses command-line text for a field declared as `hint` (ints, floats, bools, enums, lists...)."""
     candidates: list[Any] = []
-    enum_types = [a for a in (typing.get_args(hint) or (hint,)) if isinstance(a, type) and issubclass(a, enum.Enum)]
-    for enum_type in enum_types:
-        name = text.split(".")[-1]
-        if name in enum_type.__members__:
-            candidates.append(enum_type[name])
+    for arg in typing.get_args(hint) or (hint,):
+        if isinstance(arg, type) and issubclass(arg, enum.Enum):  # LINEAR, Decay.LINEAR or its value, linear
+            name = text.split(".")[-1]
+            candidates += [arg[name]] if name in arg.__members__ else [m for m in arg if str(m.value) == text]
+        elif isinstance(arg, type) and issubclass(arg, ValueType):
+            with contextlib.suppress(ValueError):
+                candidates.append(arg.parse(text))
     lowered = {"true": True, "false": False, "none": None, "null": None, "required": REQUIRED}
     if text.lower() in lowered:
         candidates.append(lowered[text.lower()])

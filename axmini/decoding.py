@@ -5,7 +5,9 @@ Prompts are RIGHT-padded: row b holds its prompt in `prompt_ids[b, :prompt_lengt
 ignored (prefilled as padding, segment 0, so it never enters the cache). Each row then continues at its
 own positions, prompt_lengths[b], prompt_lengths[b] + 1, ... Sampling is greedy at temperature 0, else
 softmax(logits / temperature) restricted to the top-k tokens and/or the top-p nucleus. A row stops after
-emitting one of `stop_ids`; the loop ends when every row has stopped or `max_new_tokens` are out.
+emitting one of `stop_ids`; the loop ends when every row has stopped or `max_new_tokens` are out. A generation
+whose cache and token buffer would not fit in free memory, or whose positions would not fit in int32, is refused
+before anything is allocated (`check_generation_size`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from axmini.layers.decoder import Decoder
+from axmini.mesh_rules import memory_bytes
 
 Array = jax.Array
 
@@ -63,6 +66,23 @@ def _check_sampling(temperature: float, top_k: int | None, top_p: float | None, 
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None: off)")
 
 
+def check_generation_size(
+    model: Decoder, *, batch: int, max_length: int, max_new_tokens: int, cache_dtype: Any = jnp.float32
+) -> None:
+    """Refuses (ValueError, one line) a generation whose positions do not fit in int32 (the model's maximum: its
+    positions are int32), or whose KV cache and token buffer need more than the free memory of one device."""
+    if max_length >= 2**31:
+        raise ValueError(f"{max_length} positions do not fit the model's int32 positions; lower max_new_tokens")
+    cache = jax.eval_shape(lambda: model.init_cache(batch, max_length, cache_dtype))
+    needed = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) + batch * max_new_tokens * 4
+    free = memory_bytes(jax.devices()[:1], free=True)
+    if needed > free:
+        raise ValueError(
+            f"{max_new_tokens} new tokens need {needed / 2**30:.3g} GiB for the cache and tokens, more than the "
+            f"{free / 2**30:.3g} GiB free; lower max_new_tokens"
+        )
+
+
 def generate(
     model: Decoder,
     prompt_ids: Array,
@@ -100,6 +120,9 @@ def generate(
             f"decoding {max_new_tokens} new tokens after prompts of length {prompt_len} needs {needed} cache "
             f"positions, past the cache length max_length={max_length}; raise max_length or lower max_new_tokens"
         )
+    check_generation_size(
+        model, batch=batch, max_length=max_length, max_new_tokens=max_new_tokens, cache_dtype=cache_dtype
+    )
     return _generate(
         model,
         jnp.asarray(prompt_ids, jnp.int32),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -177,9 +178,12 @@ def default_mesh_rules() -> list[MeshRule]:
 
 def select_mesh_rule(instance: str, rules: Sequence[MeshRule]) -> MeshRule:
     """The first rule whose pattern fully matches `instance`."""
-    for rule in rules:
-        if re.fullmatch(rule.pattern, instance):
-            return rule
+    for i, rule in enumerate(rules):
+        try:
+            if re.fullmatch(rule.pattern, instance):
+                return rule
+        except re.error as e:
+            raise MeshRuleError(f"mesh_rules[{i}].pattern={rule.pattern!r} is not a valid regex ({e})") from None
     patterns = ", ".join(repr(r.pattern) for r in rules)
     raise MeshRuleError(f"no mesh rule matches instance type {instance!r} (rules: {patterns}); add one to mesh_rules")
 
@@ -217,6 +221,19 @@ def make_mesh(rule: MeshRule, devices: Sequence[jax.Device] | None = None, num_s
     else:
         grid = mesh_utils.create_device_mesh(shape, devices)
     return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def memory_bytes(devices: Sequence[jax.Device], *, free: bool = False) -> int:
+    """The memory of `devices` (or what is free of it): accelerators' own, or the host's RAM for CPU devices
+    (which share it)."""
+    if devices[0].platform == "cpu":
+        pages = os.sysconf("SC_AVPHYS_PAGES" if free else "SC_PHYS_PAGES")
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for device in devices:
+        stats = device.memory_stats() or {}
+        total += stats.get("bytes_limit", 0) - (stats.get("bytes_in_use", 0) if free else 0)
+    return total
 
 
 def detect_instance_type() -> str:

@@ -21,7 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from axmini.config import Configurable, FunctionConfigBase, config_for_function
+from axmini.config import (
+    Configurable,
+    ConfigValueError,
+    FunctionConfigBase,
+    ValueType,
+    check_non_negative,
+    config_for_function,
+    config_path,
+)
 
 # A logical-axis rule maps one logical name to a mesh axis, a tuple of mesh axes, or None (replicated).
 LogicalAxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -72,16 +80,43 @@ class Summary(nnx.Intermediate):
     """A value to log (e.g. expert load), found by its path."""
 
 
+class DType(ValueType):
+    """A floating-point dtype (jnp.float32, jnp.bfloat16...); from the command line by name: `model.dtype=bfloat16`."""
+
+    @classmethod
+    def type_error(cls, value: Any) -> str | None:
+        try:
+            floating = value is not None and jnp.issubdtype(jnp.dtype(value), jnp.floating)
+        except TypeError:
+            floating = False
+        return None if floating else f"expected a floating-point dtype (float32, bfloat16...), got {value!r}"
+
+    @classmethod
+    def parse(cls, text: str) -> Any:
+        value = getattr(jnp, text.split(".")[-1], None)  # bfloat16, jnp.bfloat16, jax.numpy.bfloat16
+        if value is None or cls.type_error(value):
+            raise ValueError(text)
+        return value
+
+
 class Layer(Configurable, nnx.Module):
     """Base of every layer: built from its config, with one way to declare a parameter."""
 
     class Config(Configurable.Config):
-        param_dtype: Any = jnp.float32
+        param_dtype: DType = jnp.float32
+        # How `param` draws this layer's parameters (unless it passes its own init): a layer that draws none refuses
+        # a param_init set on it (see `check_param_inits_used`).
         param_init: FunctionConfigBase = config_for_function(fan_in_normal)
 
     def __init__(self, cfg: Layer.Config, *, rngs: nnx.Rngs):
         del rngs  # Subclasses draw from it in `param`.
         super().__init__(cfg)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        init = cfg.param_init
+        check_non_negative(init, *(name for name in ("scale", "stddev") if name in init.field_names()))
 
     def param(
         self,
@@ -99,6 +134,8 @@ class Layer(Configurable, nnx.Module):
         shape = tuple(int(d) for d in shape)
         if len(axes) != len(shape):
             raise ValueError(f"{type(self).__name__}: shape {shape} and axes {tuple(axes)} differ in rank")
+        if init is None:
+            self._draws_param_init = True
         init_fn = (init or self.config.param_init).instantiate()
         fan_in = int(np.prod([shape[i] for i in fan_in_axes])) if fan_in_axes else 1
         value = init_fn(rngs.params(), shape, self.config.param_dtype, fan_in)
@@ -254,8 +291,24 @@ def shard_activation(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def build_abstract(cfg: Layer.Config, seed: int = 0) -> nnx.Module:
-    """The model with ShapeDtypeStructs instead of arrays: inspect a 70B config on a laptop."""
-    return nnx.eval_shape(lambda: cfg.instantiate(rngs=nnx.Rngs(seed)))
+    """The model with ShapeDtypeStructs instead of arrays: inspect a 70B config on a laptop. Every layer's config
+    is checked on the way (a config a layer refuses raises ConfigValueError, nothing is allocated)."""
+    model = nnx.eval_shape(lambda: cfg.instantiate(rngs=nnx.Rngs(seed)))
+    check_param_inits_used(model)
+    return model
+
+
+def check_param_inits_used(model: nnx.Module) -> None:
+    """Refuses a param_init changed on a layer that draws no parameter from it (a decoder, a stack, a norm whose
+    scale starts at 1): it would be recorded in config.txt and silently ignored."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Layer) and not getattr(module, "_draws_param_init", False):
+            cfg = module.config
+            if cfg.param_init != type(module).default_config().param_init:
+                raise ConfigValueError(
+                    f"{config_path(cfg, 'param_init')} is set, but {type(module).__name__} draws no parameter from "
+                    "it; set the param_init of the layers below it that own parameters"
+                )
 
 
 def build_sharded(cfg: Layer.Config, mesh: Mesh, rules: LogicalAxisRules, seed: int = 0) -> nnx.Module:

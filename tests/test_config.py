@@ -105,7 +105,7 @@ def test_unknown_field_names_class_and_suggests_closest():
         ("input_dim", "3", r"Leaf.Config.input_dim: expected int \| REQUIRED, got str '3'"),
         ("input_dim", True, r"expected int \| REQUIRED, got bool"),
         ("rate", "fast", r"Leaf.Config.rate: expected float, got str"),
-        ("activation", "relu", r"expected Activation, got str"),
+        ("activation", "relu", r"expected Activation \(one of RELU, GELU\), got str"),
     ],
 )
 def test_wrong_type_is_refused_with_expectation(field, value, expected):
@@ -284,7 +284,12 @@ _floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
 
 
 @settings(max_examples=60, deadline=None)
-@given(rate=_floats, input_dim=st.integers(-(10**9), 10**9), name=_names, sizes=st.lists(st.integers(), max_size=5))
+@given(
+    rate=_floats,
+    input_dim=st.integers(-(10**9), 10**9),
+    name=_names,
+    sizes=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=5),
+)
 def test_clone_equals_original_and_debug_string_is_stable(rate, input_dim, name, sizes):
     cfg = Root.default_config().set(name=name, sizes=tuple(sizes))
     cfg.middle.set(input_dim=input_dim)

@@ -250,10 +250,14 @@ def test_bad_decoder_config_is_refused(fields, message):
 @pytest.mark.parametrize(
     ("conflict", "message"),
     [
-        (lambda c: c.embedding.set(dim=8), r"^embedding\.dim=8 conflicts with 16 required by Decoder;"),
-        (lambda c: c.stack.set(input_dim=8), r"^stack\.input_dim=8 conflicts with 16 required by Decoder;"),
-        (lambda c: c.output_norm.set(input_dim=8), r"^output_norm\.input_dim=8 conflicts with 16"),
-        (lambda c: c.lm_head.set(output_dim=8), r"^lm_head\.output_dim=8 conflicts with 40"),
+        (lambda c: c.embedding.set(dim=8), r"^embedding\.dim=8 conflicts with dim=16, which sets it;"),
+        (lambda c: c.stack.set(input_dim=8), r"^stack\.input_dim=8 conflicts with dim=16, which sets it;"),
+        (lambda c: c.output_norm.set(input_dim=8), r"^output_norm\.input_dim=8 conflicts with dim=16"),
+        (lambda c: c.lm_head.set(output_dim=8), r"^lm_head\.output_dim=8 conflicts with vocab_size=40"),
+        (
+            lambda c: c.lm_head.set(axes=("mlp", "embed")),
+            r"^lm_head\.axes=\('mlp', 'embed'\) conflicts with \('embed', 'vocab'\) required by Decoder;",
+        ),
     ],
 )
 def test_a_child_dim_that_conflicts_with_the_decoder_is_refused(conflict, message):

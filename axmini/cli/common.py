@@ -21,24 +21,36 @@ class UsageError(Exception):
 def experiment_config(name: str, overrides: Sequence[str], trainer_dir: str | None = None) -> Any:
     """The named experiment with `--set` overrides applied (and `dir` set when given)."""
     import experiments
-    from axmini.config import apply_overrides
+    from axmini.config import REQUIRED, apply_overrides
 
     cfg = apply_overrides(experiments.get(name), list(overrides))
     if trainer_dir is not None:
+        if cfg.dir not in (REQUIRED, trainer_dir):
+            raise UsageError(f"--set dir={cfg.dir} conflicts with --trainer_dir={trainer_dir}; use --trainer_dir only")
         cfg.set(dir=trainer_dir)
     return cfg
 
 
-def check_writable_dir(path: str) -> None:
-    """Refuses a trainer dir that cannot be created or written, without creating anything."""
+def check_writable_dir(path: str, name: str = "--trainer_dir") -> None:
+    """Refuses a local dir (`name`) that cannot be created or written, without creating anything."""
+    if "://" in path:  # Cloud storage: checked by its client when written.
+        return
     target = Path(path).absolute()
     if target.exists() and not target.is_dir():
-        raise UsageError(f"--trainer_dir={path} exists and is not a directory")
+        raise UsageError(f"{name}={path} exists and is not a directory")
     existing = target
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--trainer_dir={path} is not writable ({existing} does not allow writing); pick another dir")
+        raise UsageError(f"{name}={path} is not writable ({existing} does not allow writing); pick another dir")
+
+
+def check_utf8(text: str, name: str) -> None:
+    """Refuses command-line text that is not valid UTF-8 (Python keeps such bytes as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{name} is not valid UTF-8 text; pass it in UTF-8") from None
 
 
 def read_run_file(trainer_dir: str) -> dict[str, Any]:

@@ -91,6 +91,11 @@ class BaseQKVProjection(Layer):
         num_kv_heads: Required[int] = REQUIRED
         head_dim: Required[int] = REQUIRED
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "input_dim", "num_heads", "num_kv_heads", "head_dim")
+
     # Whether `project` returns keys/values; False for a KV-sharing consumer's query-only projection.
     has_kv: bool = True
     # Whether this projection wraps an `inner` one (as RoPE does): KV sharing then replaces that inner projection.
@@ -172,6 +177,11 @@ class OutputProjection(Layer):
         num_heads: Required[int] = REQUIRED
         head_dim: Required[int] = REQUIRED
         output_dim: Required[int] = REQUIRED
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "num_heads", "head_dim", "output_dim")
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -290,6 +300,11 @@ class Attention(Layer):
         logit_softcap: float | None = None
         kernel: AttentionKernel = AttentionKernel.REFERENCE
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "input_dim", "num_heads", "num_kv_heads", "head_dim", "sliding_window", "logit_softcap")
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
@@ -303,7 +318,7 @@ class Attention(Layer):
         ).instantiate(rngs=rngs)
         norm_cfg = None
         if cfg.qk_norm is not None:
-            norm_cfg = fill_child(cfg.qk_norm, parent=cfg, input_dim=self.head_dim).set(axis_name="head_dim")
+            norm_cfg = fill_child(cfg.qk_norm, parent=cfg, input_dim=self.head_dim, axis_name="head_dim")
         self.q_norm = norm_cfg.instantiate(rngs=rngs) if norm_cfg is not None else None
         self.k_norm = norm_cfg.instantiate(rngs=rngs) if norm_cfg is not None and self.input_linear.has_kv else None
 
@@ -317,7 +332,6 @@ class Attention(Layer):
 
     def _validate(self) -> None:
         cfg = self.config
-        check_positive(cfg, "input_dim", "num_heads", "num_kv_heads", "head_dim", "sliding_window", "logit_softcap")
         if cfg.num_heads % self.num_kv_heads:
             raise ConfigValueError(
                 f"{config_path(cfg, 'num_heads')}={cfg.num_heads} is not divisible by "

@@ -29,7 +29,7 @@ from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
 from axmini.layers.norm import RMSNorm
 from axmini.layers.transformer import RepeatedStack
-from axmini.module import Layer, shard_activation
+from axmini.module import DType, Layer, shard_activation
 
 Array = jax.Array
 
@@ -62,7 +62,7 @@ class Decoder(Layer):
         z_loss_weight: float = 0.0
         pad_id: int = 0
         # Activation dtype (parameters keep param_dtype), e.g. jnp.bfloat16 for mixed precision.
-        dtype: Any = jnp.float32
+        dtype: DType = jnp.float32
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -86,8 +86,10 @@ class Decoder(Layer):
         lm_head = None
         if cfg.lm_head is not None:
             # The weight's logical axes are the decoder's choice too: its second dim is the vocabulary.
-            lm_head = fill_child(cfg.lm_head, parent=cfg, input_dim=cfg.dim, output_dim=cfg.vocab_size)
-            lm_head = lm_head.set(axes=("embed", "vocab")).instantiate(rngs=rngs)
+            lm_head = fill_child(
+                cfg.lm_head, parent=cfg, input_dim=cfg.dim, output_dim=cfg.vocab_size, axes=("embed", "vocab")
+            )
+            lm_head = lm_head.instantiate(rngs=rngs)
         self.lm_head = lm_head
 
     def forward(

@@ -6,7 +6,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, FunctionConfigBase, Required, config_for_function
+from axmini.config import REQUIRED, FunctionConfigBase, Required, check_positive, config_for_function
 from axmini.module import Layer, normal
 
 
@@ -17,6 +17,11 @@ class Embedding(Layer):
         num_embeddings: Required[int] = REQUIRED
         dim: Required[int] = REQUIRED
         param_init: FunctionConfigBase = config_for_function(normal)
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "num_embeddings", "dim")
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)

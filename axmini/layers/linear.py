@@ -6,7 +6,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, Required
+from axmini.config import REQUIRED, Required, check_positive
 from axmini.module import Layer, constant_init
 
 
@@ -19,6 +19,11 @@ class Linear(Layer):
         bias: bool = False
         # Logical names of the weight's two dims; the bias takes the second.
         axes: tuple[str | None, str | None] = ("embed", "mlp")
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "input_dim", "output_dim")
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)

@@ -6,7 +6,7 @@ import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import REQUIRED, Required
+from axmini.config import REQUIRED, Required, check_positive
 from axmini.module import Layer, constant_init
 
 
@@ -18,6 +18,11 @@ class RMSNorm(Layer):
         eps: float = 1e-6
         # Logical name of the normalized dim (e.g. `head_dim` for a qk-norm).
         axis_name: str = "embed"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "input_dim", "eps")
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -37,6 +42,11 @@ class LayerNorm(Layer):
         input_dim: Required[int] = REQUIRED
         eps: float = 1e-6
         axis_name: str = "embed"
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "input_dim", "eps")
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)

@@ -175,7 +175,7 @@ class RAttention(Attention):
                 "or keep plain Attention for KV-sharing consumers"
             )
         window_norm, linear_norm = (
-            fill_child(norm, parent=cfg, input_dim=self.head_dim).set(axis_name="head_dim")
+            fill_child(norm, parent=cfg, input_dim=self.head_dim, axis_name="head_dim")
             for norm in (cfg.window_norm, cfg.linear_norm)
         )
         self.window_norm = window_norm.instantiate(rngs=rngs)

@@ -50,15 +50,19 @@ class Evaluator(Configurable):
         every_n_steps: int = 100
         num_batches: int | None = None  # None: the whole input (it must be finite: num_epochs=1).
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        cfg = self.config
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
         check_positive(cfg, "every_n_steps", "num_batches")  # num_batches None: the whole input.
         if cfg.input is not None and cfg.num_batches is None and getattr(cfg.input, "num_epochs", 1) is None:
             raise ConfigValueError(
                 f"{config_path(cfg.input, 'num_epochs')}=None repeats forever; set "
                 f"{config_path(cfg, 'num_batches')} or {config_path(cfg.input, 'num_epochs')}=1"
             )
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        cfg = self.config
         self.input: Input | None = cfg.input.instantiate() if cfg.input is not None else None
         self._batches: list[Batch] | None = None
         self._unigram_entropy: float | None = None

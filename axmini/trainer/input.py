@@ -24,7 +24,16 @@ from typing import Any
 import jax
 import numpy as np
 
-from axmini.config import REQUIRED, Configurable, ConfigValueError, Required, check_positive, config_path
+from axmini.config import (
+    REQUIRED,
+    Configurable,
+    ConfigValueError,
+    Required,
+    check_positive,
+    check_range,
+    config_path,
+)
+from axmini.logs import native_stderr_silenced
 from axmini.trainer import corpus
 
 DEFAULT_TASK = "axmini_corpus"
@@ -34,11 +43,12 @@ Batch = dict[str, np.ndarray]
 
 
 def _seqio() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter (CUDA probing...).
-    import tensorflow as tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with native_stderr_silenced():  # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing), whatever the level.
+        import tensorflow as tf
 
-    tf.config.set_visible_devices([], "GPU")  # The input pipeline must not take accelerator memory.
-    import seqio
+        tf.config.set_visible_devices([], "GPU")  # The input pipeline must not take accelerator memory.
+        import seqio
 
     return seqio
 
@@ -61,10 +71,16 @@ class Input(Configurable):
         sequence_length: Required[int] = REQUIRED
         sharding: InputSharding = InputSharding.GLOBAL_BATCH_SLICE
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "global_batch_size", "sequence_length")
+        if "seed" in cfg.field_names():
+            check_range(cfg, "seed", low=0, high=2**32)
+
     def __init__(self, cfg: Config):
         super().__init__(cfg)
         cfg = self.config
-        check_positive(cfg, "global_batch_size", "sequence_length")
         if cfg.global_batch_size % jax.process_count():
             raise ConfigValueError(
                 f"{config_path(cfg, 'global_batch_size')}={cfg.global_batch_size} does not split over "
@@ -107,6 +123,11 @@ class SyntheticInput(Input):
     class Config(Input.Config):
         vocab_size: Required[int] = REQUIRED
         seed: int = 0
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_range(cfg, "vocab_size", low=2, high=2**31)  # Token 0 is padding: at least one other.
 
     def batches(self, start_step: int = 0) -> Iterator[Batch]:
         cfg = self.config
@@ -190,7 +211,10 @@ def get_task_or_mixture(name: str, modules: tuple[str, ...] | list[str] = (), pa
     """The registered seqio task or mixture `name` (importing `modules` first, which register tasks)."""
     seqio = _seqio()
     for module in modules:
-        importlib.import_module(module)
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigValueError(f"{path.removesuffix('task')}task_modules: cannot import {module!r} ({e})") from None
     if name == DEFAULT_TASK:
         register_default_task()
     known = [*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()]
@@ -244,9 +268,20 @@ class SeqioInput(Input):
         num_epochs: int | None = None
         pack: bool = True
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_positive(cfg, "num_epochs")
+
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self._task = get_task_or_mixture(self.config.task, self.config.task_modules, config_path(self.config, "task"))
+        cfg = self.config
+        self._task = get_task_or_mixture(cfg.task, cfg.task_modules, config_path(cfg, "task"))
+        if cfg.split not in self._task.splits:
+            raise ConfigValueError(
+                f"{config_path(cfg, 'split')}={cfg.split!r} is not a split of {cfg.task!r} "
+                f"(splits: {', '.join(sorted(self._task.splits))})"
+            )
 
     def vocabulary(self) -> Any:
         return self._task.output_features["targets"].vocabulary

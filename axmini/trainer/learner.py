@@ -25,10 +25,14 @@ from axmini.config import (
     ConfigValueError,
     FunctionConfigBase,
     Required,
+    check_non_negative,
+    check_positive,
+    check_range,
     config_for_function,
     config_path,
     maybe_instantiate,
 )
+from axmini.module import DType
 
 
 class Decay(enum.Enum):
@@ -66,6 +70,29 @@ def adamw(**kwargs: Any) -> FunctionConfigBase:
     return config_for_function(optax.adamw).set(**{"b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.1, **kwargs})
 
 
+# The ranges of hyperparameters that optax optimizers and schedules name alike, checked in whichever optimizer or
+# schedule config has them (the learner owns both, so it knows their vocabulary).
+_POSITIVE = ("eps", "clipping_threshold", "peak_lr", "peak_value", "total_steps", "decay_steps", "transition_steps")
+_NON_NEGATIVE = ("eps_root", "weight_decay", "weight_decay_rate", "init_value", "end_value", "warmup_steps")
+_BELOW_ONE = ("b1", "b2", "momentum")  # [0, 1)
+_FRACTIONS = ("decay_rate", "final_lr_ratio", "alpha")  # [0, 1]
+# What the learner fills in an optimizer config: a value set there would be silently replaced.
+_FILLED_BY_LEARNER = ("learning_rate", "mask", "weight_decay_mask")
+
+
+def _check_hyperparameters(cfg: FunctionConfigBase) -> None:
+    """Refuses an optimizer or schedule hyperparameter out of its range (see _POSITIVE...), or a dtype that is none."""
+    names = cfg.field_names()
+    check_positive(cfg, *(n for n in names if n in _POSITIVE))
+    check_non_negative(cfg, *(n for n in names if n in _NON_NEGATIVE))
+    check_range(cfg, *(n for n in names if n in _BELOW_ONE), low=0, high=1)
+    check_range(cfg, *(n for n in names if n in _FRACTIONS), low=0, high=1, include_high=True)
+    for name in names:
+        value = getattr(cfg, name)
+        if name.endswith("dtype") and value is not None and DType.type_error(value):
+            raise ConfigValueError(f"{config_path(cfg, name)}: {DType.type_error(value)}")
+
+
 # Regexes over parameter paths that get no weight decay: norm layers, biases, embeddings.
 DEFAULT_NO_DECAY = [r"(^|/)[^/]*norm[^/]*/", r"(^|/)bias$", r"(^|/)[^/]*embed[^/]*/"]
 
@@ -99,9 +126,11 @@ class Learner(Configurable):
         max_grad_norm: float | None = 1.0
         no_decay_patterns: list[str] = list(DEFAULT_NO_DECAY)
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        cfg = self.config
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_non_negative(cfg, "max_step")
+        check_positive(cfg, "learning_rate", "max_grad_norm")  # A number learning_rate: a constant one.
         for pattern in cfg.no_decay_patterns:
             try:
                 re.compile(pattern)
@@ -109,6 +138,20 @@ class Learner(Configurable):
                 raise ConfigValueError(
                     f"{config_path(cfg, 'no_decay_patterns')}: {pattern!r} is not a valid regex ({e}); fix it"
                 ) from None
+        optimizer = cfg.optimizer
+        for name in _FILLED_BY_LEARNER:
+            if name in optimizer.field_names() and getattr(optimizer, name) not in (REQUIRED, None):
+                raise ConfigValueError(
+                    f"{config_path(optimizer, name)} is filled by the learner (from {config_path(cfg, 'learning_rate')}"
+                    f" and {config_path(cfg, 'no_decay_patterns')}); leave it unset"
+                )
+        _check_hyperparameters(optimizer)
+        if isinstance(cfg.learning_rate, FunctionConfigBase):
+            _check_hyperparameters(cfg.learning_rate)
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        cfg = self.config
         schedule_kwargs = {}
         if isinstance(cfg.learning_rate, FunctionConfigBase) and "total_steps" in cfg.learning_rate.field_names():
             if cfg.learning_rate.total_steps is REQUIRED:
