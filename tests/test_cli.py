@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -181,6 +183,111 @@ def test_train_then_sample_end_to_end(tmp_path, capsys):
     samples = capsys.readouterr().out.strip().splitlines()
     assert len(samples) == 2 and all(s.startswith("The module") for s in samples)
     fails_in_one_line(capsys, ["sample", f"--trainer_dir={run}", "--prompt=x", "--temperature=-1"], "--temperature")
+
+
+SMALL = [
+    "model.dim=32",
+    "model.stack.num_layers=1",
+    "input.sequence_length=32",
+    "evaluator.input.sequence_length=32",
+    "evaluator.num_batches=1",
+    "checkpointer.save_every_n_steps=1",
+    "log_every_n_steps=1",
+    "progress_bar=False",
+]
+
+
+def train_argv(run, *overrides, max_step=2):
+    return ["train", "--config=tiny", f"--trainer_dir={run}", "--sample_prompt=", f"--set=max_step={max_step}"] + [
+        f"--set={s}" for s in [*SMALL, *overrides]
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small run trained to step 2, with checkpoints 1 and 2; tests copy it before changing it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(train_argv(run)) == 0
+    return run
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def train_steps(run):
+    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+
+
+def test_a_config_change_on_resume_is_refused_and_touches_nothing(trained, tmp_path, capsys):
+    run = copy_of(trained, tmp_path)
+    before = snapshot(run)
+    hidden = "model.stack.layer.feed_forward.hidden_dim=256"
+    fails_in_one_line(
+        capsys,
+        train_argv(run, hidden, max_step=3),
+        "checkpoint step 2",
+        "written by a different model or config",
+        "params/stack/layers/feed_forward/wi_0 has shape (1, 32, 320) float32 in the checkpoint, (1, 32, 256)",
+        "model.stack.layer.feed_forward.hidden_dim: 320 -> 256",
+    )
+    assert snapshot(run) == before  # Checkpoints, run.json, config.txt, metrics: all as they were.
+    assert main(train_argv(run, max_step=3)) == 0  # The run's own config resumes from its latest step.
+    assert "trained to step 3" in capsys.readouterr().out and train_steps(run) == [1, 2, 3]
+
+
+def test_a_run_whose_checkpoints_all_fail_is_refused_until_from_scratch(trained, tmp_path, capsys):
+    run = copy_of(trained, tmp_path)
+    for step in ("1", "2"):
+        for path in (run / "checkpoints" / step / "state").rglob("*"):
+            if path.is_file():
+                path.write_bytes(b"\x00")
+    before = snapshot(run)
+    fails_in_one_line(capsys, train_argv(run, max_step=3), "none of the 2 checkpoint(s)", "--from_scratch")
+    assert snapshot(run) == before
+    assert main([*train_argv(run, max_step=2), "--from_scratch"]) == 0
+    assert "trained to step 2" in capsys.readouterr().out and train_steps(run) == [1, 2]
+    names = sorted(p.name.split("-")[0] for p in (run / "checkpoints").iterdir())
+    assert names == ["1", "1.set", "2", "2.set"]  # The old ones kept aside, the new run's beside them.
+
+
+def test_sample_reads_checkpoints_without_changing_them(trained, tmp_path, capsys, caplog):
+    run = copy_of(trained, tmp_path)
+    for path in (run / "checkpoints" / "2" / "state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"\x00")
+    before = snapshot(run)
+    with caplog.at_level(logging.WARNING, logger="axmini"):
+        assert main(["sample", f"--trainer_dir={run}", "--prompt=The", "--max_new_tokens=2"]) == 0
+    assert capsys.readouterr().out.startswith("The")
+    [warning] = [r.getMessage() for r in caplog.records if r.name.startswith("axmini")]
+    assert "checkpoint step 2: corrupt" in warning and "left in place (read-only); restoring step 1" in warning
+    assert snapshot(run) == before
+    fails_in_one_line(
+        capsys, ["sample", f"--trainer_dir={run}", "--prompt=x", "--max_new_tokens=1000000000"], "--max_new_tokens"
+    )
+    fails_in_one_line(capsys, ["sample", f"--trainer_dir={run}", "--prompt=x", "--max_new_tokens=1e9"], "invalid int")
+    fails_in_one_line(capsys, ["sample", f"--trainer_dir={run}", "--prompt=\udcff"], "--prompt is not valid UTF-8")
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_before_training(tmp_path, capsys):
+    run = tmp_path / "run"
+    fails_in_one_line(capsys, [*train_argv(run), "--sample_prompt=\udcff"], "--sample_prompt is not valid UTF-8")
+    assert not run.exists()
+
+
+def test_start_up_stderr_is_free_of_library_chatter(tmp_path):
+    """TensorFlow logs CUDA probing from C++ as seqio loads it (`failed call to cuInit`...): silenced, so a refused
+    invocation prints its one line and nothing else (the run gets as far as reading the input's splits)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu")
+    argv = [sys.executable, "-m", "axmini.cli", *train_argv(tmp_path / "run", "input.split=bogus")]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "axmini train: error: input.split='bogus' is not a split of 'axmini_corpus' (splits: train, validation)"
+    ]
 
 
 # A `axmini train` run in a subprocess (real signal handling), with hooks that make the timing deterministic:

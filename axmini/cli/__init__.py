@@ -8,9 +8,10 @@
 
 A command first checks its whole invocation (`prepare`), then runs. Bad input found while preparing (an unknown
 experiment, an unknown --set path, a value of the wrong type or one a layer refuses, an unwritable trainer dir) is
-reported in one line on stderr with exit code 2, before anything is written. Any other exception is a bug: it
-propagates with its traceback (exit code 1). Heavy modules (jax, seqio) are imported inside the commands, so
-`--help` is instant.
+reported in one line on stderr with exit code 2, before anything is written; so is a run directory that cannot be
+resumed (checkpoints of another model, or none that restores), found as the command starts running and before it
+writes. Any other exception is a bug: it propagates with its traceback (exit code 1). Heavy modules (jax, seqio)
+are imported inside the commands, so `--help` is instant; libraries' start-up chatter is silenced (axmini.logs).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from axmini import logs
 from axmini.cli import configs, sample, train
 from axmini.cli.common import USAGE_ERROR, UsageError
 
@@ -34,7 +36,17 @@ def _setup_errors() -> tuple[type[BaseException], ...]:
 
 
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    """The error's message on one line, control characters and undecodable bytes escaped (a value echoed back from
+    the command line must not move the cursor or fail to print)."""
+    text = logs.one_line(str(error)) or type(error).__name__
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
+def _cannot_resume(error: BaseException) -> bool:
+    """A CheckpointError: a run directory that cannot be resumed (only possible once the checkpointer is loaded)."""
+    checkpointer = sys.modules.get("axmini.trainer.checkpointer")
+    return checkpointer is not None and isinstance(error, checkpointer.CheckpointError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,9 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the help or a usage error (code 2).
         return int(e.code or 0)
+    logs.configure(verbose=getattr(args, "verbose", False))
     try:
         run = args.prepare(args)  # Every check of the invocation; nothing is written yet.
     except _setup_errors() as e:
         print(f"axmini {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
-    return run()
+    try:
+        return run()
+    except Exception as e:
+        if not _cannot_resume(e):
+            raise
+        print(f"axmini {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return USAGE_ERROR

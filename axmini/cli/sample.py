@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from axmini.cli.common import Runner, UsageError, experiment_config, read_run_file
+from axmini.cli.common import Runner, UsageError, check_utf8, experiment_config, read_run_file
 
 
 def add_parser(commands: Any) -> None:
@@ -17,6 +17,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own start-up output")
     parser.set_defaults(prepare=prepare)
 
 
@@ -40,6 +41,15 @@ def prepare(args: argparse.Namespace) -> Runner:
     checkpointer = trainer.config.checkpointer.instantiate(read_only=True)  # A trainer may be writing beside us.
     if not checkpointer.all_steps():
         raise UsageError(f"--trainer_dir={args.trainer_dir} has no checkpoint yet")
+    check_utf8(args.prompt, "--prompt")
+    from axmini.decoding import check_generation_size
+
+    length = 1 + len(trainer.input.vocabulary().encode(args.prompt)) + args.max_new_tokens
+    try:
+        model = trainer.model(trainer.abstract_state)
+        check_generation_size(model, batch=1, max_length=length, max_new_tokens=args.max_new_tokens)
+    except ValueError as e:
+        raise UsageError(f"--max_new_tokens={args.max_new_tokens}: {e}") from None
 
     def run() -> int:
         import jax

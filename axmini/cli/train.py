@@ -1,5 +1,9 @@
 """`axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]`: trains a named
-experiment, resuming from the latest checkpoint in the trainer dir."""
+experiment, resuming from the latest checkpoint in the trainer dir.
+
+A trainer dir whose checkpoints were written by another model or config, or none of whose checkpoints restores, is
+refused in one line (exit code 2) before anything is written; `--from_scratch` starts over, moving them aside. A run
+stopped by a non-finite loss exits with code 1."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from axmini.cli.common import RUN_FILE, Runner, UsageError, check_writable_dir, experiment_config
+from axmini.cli.common import RUN_FILE, Runner, UsageError, check_utf8, check_writable_dir, experiment_config
 from axmini.cli.sample import sample_text
 
 
@@ -23,6 +27,10 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--trainer_dir", help="run directory (default: runs/<config>); resumes from its checkpoints")
     parser.add_argument("--mesh_selector", help="instance type (cpu, gpu-h100-8, tpu-v5p-256...); default: detected")
     parser.add_argument("--sample_prompt", default="The", help="print a sample for this prompt at the end ('': none)")
+    parser.add_argument(
+        "--from_scratch", action="store_true", help="start at step 0, moving the trainer dir's checkpoints aside"
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the libraries' own start-up output")
     parser.set_defaults(prepare=prepare)
 
 
@@ -33,6 +41,7 @@ def prepare(args: argparse.Namespace) -> Runner:
     import jax
 
     trainer_dir = args.trainer_dir or str(Path("runs") / args.config)
+    check_utf8(args.sample_prompt, "--sample_prompt")
     check_writable_dir(trainer_dir)
     previous = Path(trainer_dir) / RUN_FILE
     if previous.exists() and json.loads(previous.read_text()).get("config") != args.config:
@@ -42,8 +51,11 @@ def prepare(args: argparse.Namespace) -> Runner:
     if args.mesh_selector:
         cfg.set(mesh_selector=args.mesh_selector)
     trainer = cfg.instantiate()  # Validates everything; writes nothing in the trainer dir.
+    for field in ("checkpointer", "summary_writer"):
+        check_writable_dir(getattr(trainer.config, field).dir, f"{field}.dir")
 
     def run() -> int:
+        state = trainer.restore_or_init(from_scratch=args.from_scratch)  # Before anything is written: may refuse.
         if jax.process_index() == 0:
             Path(trainer_dir).mkdir(parents=True, exist_ok=True)
             record = {"config": args.config, "overrides": list(args.set)}
@@ -53,9 +65,11 @@ def prepare(args: argparse.Namespace) -> Runner:
                 f"instance {trainer.instance.name}, mesh {dict(trainer.mesh.shape)}",
                 flush=True,
             )
-        result = trainer.run()
+        result = trainer.run(state)
         if jax.process_index() == 0:
             _print_result(result)
+        if result.non_finite_step is not None:  # The trainer has said so, in one line.
+            return 1
         if result.preempted:
             print(f"axmini train: stopped by SIGTERM at step {result.step}; checkpoint saved", file=sys.stderr)
             return 128 + signal.SIGTERM

@@ -11,11 +11,18 @@ the model is merged from its graph definition and the state inside the step (nnx
 boundary). With `microbatches > 1`, gradients are accumulated over a `lax.scan`. The loss is the model's
 loss plus every AuxLoss the model sows. Batches are indexed by step, so a restored checkpoint resumes the
 data exactly where the uninterrupted run would be.
+
+A step whose loss, gradient norm or update norm is NaN or infinite never changes the parameters: the step keeps
+the state it was given (`non_finite_loss` says whether the run then stops, with a checkpoint of that last good
+state, or moves on to the next batch). A non-finite loss on the first step after a restore marks the checkpoint
+as corrupt: it is moved aside and the one before it is restored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import logging
 import math
 import signal
 import threading
@@ -38,8 +45,10 @@ from axmini.config import (
     Required,
     check_non_negative,
     check_positive,
+    check_range,
     config_path,
     fill_child,
+    validate,
 )
 from axmini.mesh_rules import (
     MeshRule,
@@ -47,17 +56,26 @@ from axmini.mesh_rules import (
     detect_instance_type,
     instance_type,
     make_mesh,
+    memory_bytes,
     select_mesh_rule,
 )
 from axmini.module import Layer, build_abstract, capture_aux, count_params, logical_to_spec, sharding_context
-from axmini.trainer.checkpointer import Checkpointer
+from axmini.trainer.checkpointer import Checkpointer, NoRestorableCheckpointError, config_record
 from axmini.trainer.evaluator import Evaluator
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 from axmini.trainer.learner import Learner
 from axmini.trainer.summary import ProgressBar, SummaryWriter, mfu
 
+logger = logging.getLogger(__name__)
 State = dict[str, Any]
 BATCH_AXES = ("batch", "length")
+
+
+class NonFiniteLoss(enum.Enum):
+    """What the run does after a step whose loss or gradient norm is NaN or infinite (its update is never applied)."""
+
+    STOP = "stop"  # Checkpoint the state before that step (the last good one) and stop.
+    SKIP_UPDATE = "skip_update"  # Drop that step's update and go on with the next batch.
 
 
 class TrainResult(NamedTuple):
@@ -66,6 +84,7 @@ class TrainResult(NamedTuple):
     eval_metrics: dict[str, float]  # The last evaluation ({} when none ran).
     preempted: bool  # True when stopped by SIGTERM (after saving a checkpoint).
     state: State  # The final train state.
+    non_finite_step: int | None = None  # The step whose non-finite loss stopped the run (NonFiniteLoss.STOP).
 
 
 def _is_variable(x: Any) -> bool:
@@ -116,12 +135,21 @@ class Trainer(Configurable):
         mesh_selector: str | None = None  # An instance type (cpu, gpu-h100-8, tpu-v5p-256...); None: detect.
         seed: int = 0
         progress_bar: bool = True
+        non_finite_loss: NonFiniteLoss = NonFiniteLoss.STOP
+
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        super().check_config(cfg)
+        check_non_negative(cfg, "max_step")
+        check_positive(cfg, "microbatches", "log_every_n_steps")
+        check_range(cfg, "seed", low=0, high=2**32)  # jax.random.key keeps 32 bits: larger seeds would collide.
 
     def __init__(self, cfg: Config, *, devices: list[jax.Device] | None = None):
         selector = cfg.mesh_selector or detect_instance_type()
         self.instance = instance_type(selector)
         self.mesh_rule: MeshRule = select_mesh_rule(selector, cfg.mesh_rules)
         cfg = self._fill_children(self._apply_mesh_rule(cfg))
+        validate(cfg)  # Every config of the tree checks its values before anything is built.
         super().__init__(cfg)
         cfg = self.config
         devices = list(devices if devices is not None else jax.devices())
@@ -139,6 +167,7 @@ class Trainer(Configurable):
         self._graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
         self.abstract_state = jax.eval_shape(self._init_state)
         self.state_shardings = state_shardings(self.abstract_state, self.mesh, self.rules)
+        self._check_state(cfg)
         self.batch_sharding = self._batch_sharding(cfg.input)
         self._compiled: dict[str, Any] = {}
 
@@ -165,8 +194,6 @@ class Trainer(Configurable):
         return cfg
 
     def _check(self, cfg: Config) -> None:
-        check_non_negative(cfg, "max_step")
-        check_positive(cfg, "microbatches", "log_every_n_steps")
         spec = logical_to_spec(BATCH_AXES, self.rules)
         batch_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],) if spec[0] else ()
         shards = math.prod(self.mesh.shape[a] for a in batch_axes if a in self.mesh.shape)
@@ -193,6 +220,32 @@ class Trainer(Configurable):
                 f"{vocab_size}={model_vocab} is smaller than the input's vocabulary ({input_vocab} ids, "
                 f"{config_path(cfg.input, 'task')} or {config_path(cfg.input, 'vocab_size')}); "
                 f"set {vocab_size} >= {input_vocab}"
+            )
+
+    def _check_state(self, cfg: Config) -> None:
+        """Refuses a parameter axis that no mesh rule names (a typo such as `embd` would silently replicate it), and
+        a train state larger than the memory of this process's devices."""
+        known = {name for rule in cfg.mesh_rules for name, _ in rule.logical_axis_rules}
+        flat = jax.tree_util.tree_flatten_with_path(self.abstract_state["params"], is_leaf=_is_variable)[0]
+        for path, variable in flat:
+            unknown = [a for a in variable.get_metadata().get("axes") or () if a is not None and a not in known]
+            if unknown:
+                raise ConfigValueError(
+                    f"parameter {jax.tree_util.keystr(path)} has logical axis {unknown[0]!r}, which no mesh rule "
+                    f"names (known: {', '.join(sorted(known))}); fix the axis name in its layer's config"
+                )
+        shardings = jax.tree.leaves(self.state_shardings)
+        needed = sum(
+            math.prod(s.shard_shape(a.shape)) * getattr(a.dtype, "itemsize", 8) * len(s.addressable_devices)
+            for a, s in zip(jax.tree.leaves(self.abstract_state), shardings)
+        )
+        devices = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        available = memory_bytes(devices)
+        if needed > available:
+            raise ConfigValueError(
+                f"the train state (parameters and optimizer state) of {config_path(cfg, 'model')} needs "
+                f"{needed / 2**30:.4g} GiB on this process's devices, more than their {available / 2**30:.4g} GiB; "
+                "make the model smaller or use more devices"
             )
 
     @staticmethod
@@ -257,6 +310,11 @@ class Trainer(Configurable):
             metrics = {k: v.sum() if k == "num_tokens" else v.mean() for k, v in metrics.items()}
         update = self.learner.update(grads, state["opt_state"], params, state["step"])
         new_state = {"step": state["step"] + 1, "params": update.params, "rest": rest, "opt_state": update.opt_state}
+        # A non-finite loss or gradient keeps the state it was given: whole (STOP, the last good state to checkpoint)
+        # or but for the step (SKIP_UPDATE, the data moves on).
+        finite = jnp.all(jnp.isfinite(jnp.stack([metrics["total_loss"], *update.summaries.values()])))
+        kept = state if self.config.non_finite_loss is NonFiniteLoss.STOP else {**state, "step": state["step"] + 1}
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
         return new_state, {**metrics, **update.summaries}
 
     def _eval_step(self, state: State, batch: Batch) -> dict[str, jax.Array]:
@@ -321,14 +379,45 @@ class Trainer(Configurable):
             lowered = jax.jit(self._init_state, out_shardings=self.state_shardings).lower()
         return lowered.compile(compiler_options=options)()
 
-    def restore_or_init(self, checkpointer: Checkpointer | None = None) -> State:
-        """The latest readable checkpoint's state, restored onto this mesh, or a fresh state."""
+    def restore_or_init(self, checkpointer: Checkpointer | None = None, *, from_scratch: bool = False) -> State:
+        """The state of the latest checkpoint that restores and verifies, placed on this mesh (corrupt newer ones are
+        moved aside), or a fresh state when the directory has no checkpoint. `from_scratch`: a fresh state, with the
+        directory's checkpoints moved aside (kept).
+
+        Raises CheckpointMismatchError (the checkpoints were written by another model or config) and
+        NoRestorableCheckpointError (none restores): a run that cannot resume never silently starts over."""
+        own = checkpointer is None
         checkpointer = checkpointer or self.config.checkpointer.instantiate()
-        abstract = jax.tree.map(
+        try:
+            if from_scratch:
+                checkpointer.set_aside_all("set aside to start from scratch")
+                return self.init_state()
+            restored = checkpointer.restore_latest(self._placed_abstract_state(), config=self.config.debug_string())
+            return restored.state if restored is not None else self.init_state()
+        finally:
+            if own:
+                checkpointer.close()
+
+    def _placed_abstract_state(self) -> Any:
+        return jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract_state, self.state_shardings
         )
-        restored = checkpointer.restore_latest(abstract)
-        return restored.state if restored is not None else self.init_state()
+
+    def _fall_back(self, checkpointer: Checkpointer, step: int, reason: str) -> State:
+        """The state of the newest good checkpoint older than `step`, after moving the one at `step` aside."""
+        try:
+            restored = checkpointer.restore_latest(
+                self._placed_abstract_state(), config=self.config.debug_string(), before=step
+            )
+        except NoRestorableCheckpointError:
+            restored = None
+        if restored is None:
+            raise NoRestorableCheckpointError(
+                f"checkpoint step {step} in {checkpointer.config.dir} is corrupt ({reason}) and no older checkpoint "
+                "restores; nothing was changed: start from scratch explicitly (axmini train --from_scratch)"
+            )
+        checkpointer.set_aside(step, f"corrupt, {reason}", fallback=restored.step)
+        return restored.state
 
     def model(self, state: State) -> nnx.Module:
         """The model with the parameters of `state` (e.g. for sampling)."""
@@ -349,20 +438,28 @@ class Trainer(Configurable):
             path.mkdir(parents=True, exist_ok=True)
             (path / "config.txt").write_text(self.config.debug_string() + "\n")
 
-    def run(self) -> TrainResult:
-        """Trains from the latest checkpoint (or from scratch) to max_step; saves on SIGTERM and at the end."""
+    def run(self, state: State | None = None) -> TrainResult:
+        """Trains from `state` (default: `restore_or_init`, before anything is written) to max_step; saves a
+        checkpoint on SIGTERM, at the end, and before stopping on a non-finite loss."""
         cfg = self.config
-        self._write_run_files()
         checkpointer: Checkpointer = cfg.checkpointer.instantiate()
+        try:
+            state = state if state is not None else self.restore_or_init(checkpointer)
+        except BaseException:
+            checkpointer.close()
+            raise
+        self._write_run_files()
         writer: SummaryWriter = cfg.summary_writer.instantiate()
-        state = self.restore_or_init(checkpointer)
+        record = config_record(cfg.debug_string())
         step = int(jax.device_get(state["step"]))
+        resumed_at = step or None  # A restored checkpoint is suspect until its first step gives a finite loss.
         writer.start_at(step)
         losses: dict[int, float] = {}
         eval_metrics: dict[str, float] = {}
         tokens_per_step = cfg.input.global_batch_size * cfg.input.sequence_length
         bar = ProgressBar(step, cfg.max_step, enabled=cfg.progress_bar)
         preempted = False
+        non_finite_step = None
         # SIGTERM only sets a flag until the final checkpoint is on storage: a signal that arrives after the last
         # step (during the final evaluation or save) lets the run finish normally.
         with _preemption_notice() as preemption_requested:
@@ -373,6 +470,24 @@ class Trainer(Configurable):
                 while step < cfg.max_step:
                     state, metrics = self.train_step(state, self.global_batch(next(batches)))
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # Blocks: CPU hang hazard.
+                    numbers = {k: metrics[k] for k in ("total_loss", "grad_norm", "update_norm")}
+                    if not all(math.isfinite(v) for v in numbers.values()):
+                        values = ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
+                        if step == resumed_at:
+                            state = self._fall_back(checkpointer, step, f"{values} at the first step after it")
+                            step = resumed_at = int(jax.device_get(state["step"]))
+                            batches = self.input.batches(step)
+                            writer.start_at(step)
+                            continue
+                        what = f"step {step + 1}: the loss or its update is not finite ({values})"
+                        if cfg.non_finite_loss is NonFiniteLoss.STOP:
+                            non_finite_step = step + 1
+                            self._warn(
+                                f"{what}; stopped with a checkpoint of step {step}, the last good state "
+                                "(non_finite_loss=STOP); lower the learning rate, or set non_finite_loss=SKIP_UPDATE"
+                            )
+                            break
+                        self._warn(f"{what}; update skipped (non_finite_loss=SKIP_UPDATE)")
                     step += 1
                     now = time.perf_counter()
                     tokens_per_second = tokens_per_step / max(now - tick, 1e-9)
@@ -385,18 +500,23 @@ class Trainer(Configurable):
                         eval_metrics = self.evaluate(state)
                         writer.write(step, eval_metrics, prefix="eval")
                         tick = time.perf_counter()
-                    checkpointer.save(step, state, {"input_position": step})
+                    checkpointer.save(step, state, {"input_position": step, **record})
                     if step < cfg.max_step and preemption_requested(step):
                         preempted = True
                         break
-                if self.evaluator.enabled and not eval_metrics and not preempted:
+                if self.evaluator.enabled and not eval_metrics and not preempted and non_finite_step is None:
                     eval_metrics = self.evaluate(state)  # Resumed at max_step: report the final model anyway.
-                checkpointer.save(step, state, {"input_position": step}, force=True)
+                checkpointer.save(step, state, {"input_position": step, **record}, force=True)
             finally:
                 bar.close()
                 checkpointer.close()
                 writer.close()
-        return TrainResult(step, losses, eval_metrics, preempted, state)
+        return TrainResult(step, losses, eval_metrics, preempted, state, non_finite_step)
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        if jax.process_index() == 0:
+            logger.warning(message)
 
     def _speed(self, tokens_per_second: float) -> dict[str, float]:
         speed = {"tokens_per_second": tokens_per_second}
