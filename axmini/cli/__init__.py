@@ -3,7 +3,7 @@
     axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]
     axmini sample --trainer_dir=DIR --prompt "..."
     axmini configs list | show NAME [--set ...] | diff A B
-    axmini report modularity ...      (the modularity report: axmini.tools.report)
+    axmini report modularity|history  (the modularity reports: axmini.tools.cli)
     axmini launch local|tpu|gpu ...   (multi-process and cluster runs: axmini.launch.launcher)
 
 A command first checks its whole invocation (`prepare`), then runs. Bad input found while preparing (an unknown
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         command.add_parser(commands)
-    commands.add_parser("report", help="reports: `axmini report modularity --help`", add_help=False)
+    commands.add_parser("report", help="reports: `axmini report modularity|history --help`", add_help=False)
     commands.add_parser("launch", help="multi-process and cluster runs: `axmini launch --help`", add_help=False)
     return parser
 
@@ -69,12 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _delegate(launch_main, argv[1:])
     if argv[:1] == ["report"]:
-        if argv[1:2] != ["modularity"]:
-            print("usage: axmini report modularity [--help] ...", file=sys.stderr)
-            return 0 if argv[1:2] in (["-h"], ["--help"]) else USAGE_ERROR
-        from axmini.tools.report import main_modularity
+        from axmini.tools.cli import main as report_main
 
-        return _delegate(main_modularity, argv[2:])
+        return _delegate(report_main, argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the help or a usage error (code 2).
