@@ -110,6 +110,8 @@ class BaseQKVProjection(Layer):
 class QKVProjection(BaseQKVProjection):
     """Separate q [D,H,Dh] and k, v [D,K,Dh] weights (grouped-query when K < H)."""
 
+    weight_names = ("q", "k", "v")
+
     def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
@@ -121,13 +123,15 @@ class QKVProjection(BaseQKVProjection):
         self.v = self.param(kv_shape, axes=kv_axes, rngs=rngs)
 
     def project(self, x: Array) -> QKV:
-        return QKV(*(jnp.einsum("btd,dnh->btnh", x, w[...].astype(x.dtype)) for w in (self.q, self.k, self.v)))
+        weights = (self.read_weight(w).astype(x.dtype) for w in (self.q, self.k, self.v))
+        return QKV(*(jnp.einsum("btd,dnh->btnh", x, w) for w in weights))
 
 
 class QueryOnlyProjection(BaseQKVProjection):
     """Only queries q [D,H,Dh] (k = v = None): the projection of a layer that reads another layer's keys/values."""
 
     has_kv = False
+    weight_names = ("q",)
 
     def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -137,7 +141,7 @@ class QueryOnlyProjection(BaseQKVProjection):
         )
 
     def project(self, x: Array) -> QKV:
-        return QKV(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(x.dtype)), None, None)
+        return QKV(jnp.einsum("btd,dnh->btnh", x, self.read_weight(self.q).astype(x.dtype)), None, None)
 
 
 class FusedQKVProjection(BaseQKVProjection):
@@ -146,6 +150,8 @@ class FusedQKVProjection(BaseQKVProjection):
     Grouping by kv head keeps each group's q, k and v on the same shard when `kv_heads` is sharded.
     Query head h uses kv head h // (H/K), as in `QKVProjection`.
     """
+
+    weight_names = ("qkv",)
 
     def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -160,7 +166,7 @@ class FusedQKVProjection(BaseQKVProjection):
     def project(self, x: Array) -> QKV:
         cfg = self.config
         group = cfg.num_heads // cfg.num_kv_heads
-        y = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(x.dtype))
+        y = jnp.einsum("btd,dkgh->btkgh", x, self.read_weight(self.qkv).astype(x.dtype))
         q = y[:, :, :, :group].reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
         return QKV(q, y[:, :, :, group], y[:, :, :, group + 1])
 
@@ -173,6 +179,8 @@ class OutputProjection(Layer):
         head_dim: Required[int] = REQUIRED
         output_dim: Required[int] = REQUIRED
 
+    weight_names = ("weight",)
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
@@ -184,7 +192,7 @@ class OutputProjection(Layer):
         )
 
     def __call__(self, x: Array) -> Array:
-        return jnp.einsum("btnh,nhd->btd", x, self.weight[...].astype(x.dtype))
+        return jnp.einsum("btnh,nhd->btd", x, self.read_weight(self.weight).astype(x.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------

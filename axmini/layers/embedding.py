@@ -18,15 +18,18 @@ class Embedding(Layer):
         dim: Required[int] = REQUIRED
         param_init: FunctionConfigBase = config_for_function(normal)
 
+    weight_names = ("weight",)
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        self.weight = self.param((cfg.num_embeddings, cfg.dim), axes=("vocab", "embed"), rngs=rngs, fan_in_axes=())
+        # The input dim of the table is `embed` (what `attend` contracts); the initializer ignores the fan-in.
+        self.weight = self.param((cfg.num_embeddings, cfg.dim), axes=("vocab", "embed"), rngs=rngs, fan_in_axes=(1,))
 
     def __call__(self, ids: jax.Array, dtype: jnp.dtype | None = None) -> jax.Array:
-        table = self.weight[...]
+        table = self.read_weight(self.weight)
         return jnp.take(table, ids, axis=0).astype(dtype or table.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits [..., num_embeddings] = x @ table^T (the tied output projection)."""
-        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(x.dtype))
+        return jnp.einsum("...d,vd->...v", x, self.read_weight(self.weight).astype(x.dtype))
