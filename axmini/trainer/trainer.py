@@ -55,6 +55,7 @@ from axmini.trainer.evaluator import Evaluator
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 from axmini.trainer.learner import Learner
 from axmini.trainer.summary import ProgressBar, SummaryWriter, mfu
+from axmini.trainer.warm_start import checkpoints_dir, warm_started
 
 State = dict[str, Any]
 BATCH_AXES = ("batch", "length")
@@ -91,7 +92,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any) -> Any:
             return _replicated(mesh)
         return NamedSharding(mesh, logical_to_spec(axes, rules, np.shape(value), mesh))
 
-    shardings = [sharding(item) for item in items]
+    # A variable of a frozen parameter's optimizer state (optax masks, e.g. LoRA) holds no array: it gets none.
+    shardings = [sharding(item) for item in items if jax.tree.leaves(item)]
     treedef = jax.tree.structure(abstract_state)
     if treedef.num_leaves != len(shardings):
         raise ValueError("train state: every variable must hold exactly one array")
@@ -116,6 +118,9 @@ class Trainer(Configurable):
         mesh_selector: str | None = None  # An instance type (cpu, gpu-h100-8, tpu-v5p-256...); None: detect.
         seed: int = 0
         progress_bar: bool = True
+        # A trainer dir whose latest parameters start this run when it has no checkpoint of its own (the base model
+        # of a LoRA or QAT fine-tune; see axmini/trainer/warm_start.py). None: start from the initializers.
+        init_from: str | None = None
 
     def __init__(self, cfg: Config, *, devices: list[jax.Device] | None = None):
         selector = cfg.mesh_selector or detect_instance_type()
@@ -129,6 +134,8 @@ class Trainer(Configurable):
         self.mesh = make_mesh(self.mesh_rule, devices, num_slices)
         self.rules = tuple(tuple(rule) for rule in self.mesh_rule.logical_axis_rules)
         self._check(cfg)
+        if cfg.init_from is not None:
+            checkpoints_dir(cfg.init_from)
         self.input: Input = cfg.input.instantiate()
         self.evaluator: Evaluator = cfg.evaluator.instantiate()
         self.learner: Learner = cfg.learner.instantiate()
@@ -311,7 +318,7 @@ class Trainer(Configurable):
     # State: init, restore, model.
 
     def init_state(self) -> State:
-        """A fresh state, initialized directly sharded.
+        """A fresh state, initialized directly sharded (from `init_from`'s parameters when set).
 
         On CPU the init program is compiled without backend optimization: it runs once, and XLA:CPU spends
         seconds optimizing its random-number code for nothing (values agree to the last float bit or so).
@@ -319,7 +326,8 @@ class Trainer(Configurable):
         options = {"xla_backend_optimization_level": 0} if self.mesh.devices.flat[0].platform == "cpu" else None
         with sharding_context(self.mesh, self.rules):
             lowered = jax.jit(self._init_state, out_shardings=self.state_shardings).lower()
-        return lowered.compile(compiler_options=options)()
+        state = lowered.compile(compiler_options=options)()
+        return warm_started(self, state) if self.config.init_from is not None else state
 
     def restore_or_init(self, checkpointer: Checkpointer | None = None) -> State:
         """The latest readable checkpoint's state, restored onto this mesh, or a fresh state."""
