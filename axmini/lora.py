@@ -22,8 +22,9 @@ from typing import Any, NamedTuple
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
-from axmini.config import ConfigBase, ConfigModifier, check_positive, find_configs, map_configs
+from axmini.config import ConfigBase, ConfigModifier, check_positive, find_configs, get_path, map_configs
 from axmini.layers.weight_transform import (
     DEFAULT_EXCLUDE,
     WeightTransform,
@@ -176,6 +177,25 @@ def load_adapter(directory: str | Path, model: nnx.Module | None = None) -> Adap
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params", target)
     return Adapter(params, record)
+
+
+def attach_adapter(base: nnx.Module, adapter: Adapter) -> nnx.Module:
+    """The model of `base` (a model without adapters) with `adapter`: built with the adapter's LoRA settings, sharing
+    the base weights, holding the adapter's parameters. One base model takes any number of adapters this way."""
+    lora_cfg = without_weight_transforms(base.config)
+    for path, settings in adapter.metadata["lora"].items():
+        layer = get_path(lora_cfg, path) if path else lora_cfg
+        layer.weight_transform = LoRA.default_config().set(**settings)
+    model = nnx.eval_shape(lambda: lora_cfg.instantiate(rngs=nnx.Rngs(0)))
+    base_values = nnx.to_pure_dict(nnx.state(base))
+    # The adapters (small) are replicated on the devices the base weights are on.
+    sharding = getattr(jax.tree.leaves(base_values)[0], "sharding", None)
+    placement = NamedSharding(sharding.mesh, PartitionSpec()) if isinstance(sharding, NamedSharding) else None
+    params = jax.tree.map(lambda x: jax.device_put(x, placement), adapter.params) if placement else adapter.params
+    attached = _with_values(model, lambda pure: _merged(_merged(pure, base_values), params))
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(attached))):
+        raise ValueError("the adapter does not fit this base model (other layers or shapes); attach it to its base")
+    return attached
 
 
 def with_adapter(model: nnx.Module, adapter: Adapter) -> nnx.Module:

@@ -12,7 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from axmini.cli.common import RUN_FILE, Runner, UsageError, check_writable_dir, experiment_config
+from axmini.cli.common import (
+    ADAPTER_DIR,
+    QUANTIZED_FILE,
+    RUN_FILE,
+    Runner,
+    UsageError,
+    add_feature_flag,
+    check_writable_dir,
+    experiment_config,
+)
 from axmini.cli.sample import sample_text
 
 
@@ -20,6 +29,7 @@ def add_parser(commands: Any) -> None:
     parser = commands.add_parser("train", help="train a named experiment", description="Train a named experiment.")
     parser.add_argument("--config", "--experiment", required=True, help="experiment name (see `axmini configs list`)")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
+    add_feature_flag(parser)
     parser.add_argument("--trainer_dir", help="run directory (default: runs/<config>); resumes from its checkpoints")
     parser.add_argument("--mesh_selector", help="instance type (cpu, gpu-h100-8, tpu-v5p-256...); default: detected")
     parser.add_argument("--sample_prompt", default="The", help="print a sample for this prompt at the end ('': none)")
@@ -38,7 +48,13 @@ def prepare(args: argparse.Namespace) -> Runner:
     if previous.exists() and json.loads(previous.read_text()).get("config") != args.config:
         other = json.loads(previous.read_text()).get("config")
         raise UsageError(f"--trainer_dir={trainer_dir} holds a run of experiment {other!r}; use another dir")
-    cfg = experiment_config(args.config, args.set, trainer_dir)
+    previous_features = json.loads(previous.read_text()).get("features", []) if previous.exists() else args.feature
+    if previous_features != args.feature:
+        raise UsageError(
+            f"--trainer_dir={trainer_dir} holds a run with features {previous_features}, not {args.feature}; "
+            "resume it with the same --feature flags or use another dir"
+        )
+    cfg = experiment_config(args.config, args.set, trainer_dir, args.feature)
     if args.mesh_selector:
         cfg.set(mesh_selector=args.mesh_selector)
     trainer = cfg.instantiate()  # Validates everything; writes nothing in the trainer dir.
@@ -46,7 +62,7 @@ def prepare(args: argparse.Namespace) -> Runner:
     def run() -> int:
         if jax.process_index() == 0:
             Path(trainer_dir).mkdir(parents=True, exist_ok=True)
-            record = {"config": args.config, "overrides": list(args.set)}
+            record = {"config": args.config, "overrides": list(args.set), "features": list(args.feature)}
             (Path(trainer_dir) / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
             print(
                 f"axmini train: experiment {args.config!r} -> {trainer_dir}; {trainer.num_params:,} parameters; "
@@ -55,10 +71,13 @@ def prepare(args: argparse.Namespace) -> Runner:
             )
         result = trainer.run()
         if jax.process_index() == 0:
-            _print_result(result)
+            _print_result(result, trainer.config.model)
         if result.preempted:
             print(f"axmini train: stopped by SIGTERM at step {result.step}; checkpoint saved", file=sys.stderr)
             return 128 + signal.SIGTERM
+        for line in write_exports(trainer, result.state, trainer_dir):
+            if jax.process_index() == 0:
+                print(line)
         if args.sample_prompt and trainer.input.vocabulary() is not None:  # Every process runs the sharded model.
             try:
                 with _sigterm_raises():
@@ -73,6 +92,26 @@ def prepare(args: argparse.Namespace) -> Runner:
         return 0
 
     return run
+
+
+def write_exports(trainer: Any, state: Any, trainer_dir: str) -> list[str]:
+    """What a fine-tuned model leaves beside its checkpoints: its LoRA adapter (`adapter/`, a small orbax item) and
+    its quantized weights (`quantized.npz`: packed integer codes and scales). Returns a line per export."""
+    from axmini.layers.weight_transform import transformed_weights
+    from axmini.lora import LoRA, save_adapter
+    from axmini.qat import FakeQuantization, export_quantized
+
+    model, lines = trainer.model(state), []
+    if transformed_weights(model, LoRA):
+        record = {"base": trainer.config.init_from, "step": int(state["step"])}
+        path = save_adapter(Path(trainer_dir) / ADAPTER_DIR, model, record)
+        lines.append(f"LoRA adapter -> {path} (sample with: axmini sample --trainer_dir=BASE_DIR --adapter={path})")
+    if transformed_weights(model, FakeQuantization):
+        path = Path(trainer_dir) / QUANTIZED_FILE
+        manifest = export_quantized(model, path)
+        bits = sorted({w["bits"] for w in manifest["weights"].values()})
+        lines.append(f"quantized weights ({bits} bits, {len(manifest['weights'])} weights) -> {path}")
+    return lines
 
 
 class _Terminated(Exception):
@@ -93,12 +132,16 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _print_result(result: Any) -> None:
+def _print_result(result: Any, model_cfg: Any) -> None:
+    from axmini.qat import quantized_bits
+
     print(f"trained to step {result.step}; last train loss {result.losses.get(result.step, float('nan')):.4f}")
     if result.eval_metrics:
         loss, entropy = result.eval_metrics["loss"], result.eval_metrics["unigram_entropy"]
         verdict = "below" if loss < entropy else "NOT below"
+        bits = quantized_bits(model_cfg)
+        weights = f" with {'/'.join(map(str, bits))}-bit weights (as exported)" if bits else ""
         print(
-            f"validation loss {loss:.4f} nats/token ({verdict} the unigram entropy of the validation tokens, "
+            f"validation loss {loss:.4f} nats/token{weights} ({verdict} the unigram entropy of the validation tokens, "
             f"{entropy:.4f} nats; {result.eval_metrics['num_tokens']:.0f} tokens)"
         )
