@@ -7,8 +7,8 @@ adapter starts as the identity (per MoE expert, an adapter each). The base weigh
 adapters (`Learner.trainable_patterns`, an optax mask: the optimizer holds state for nothing else).
 
 An adapter lives apart from its base model: `save_adapter` writes only the adapter parameters (a small orbax item)
-with the LoRA settings, `load_adapter` reads them back, and `with_adapter` puts one into a model built with the same
-settings, sharing the base weights, so several adapters of one base model are chosen at sampling time.
+with the LoRA settings, `load_adapter` reads them back, and `attach_adapter` builds the base model with an adapter,
+sharing the base weights, so several adapters of one base model are chosen at sampling time.
 `merge` folds the adapters into the base weights (a plain model computing the same function); `unmerge` takes
 them out again.
 """
@@ -196,11 +196,6 @@ def attach_adapter(base: nnx.Module, adapter: Adapter) -> nnx.Module:
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(attached))):
         raise ValueError("the adapter does not fit this base model (other layers or shapes); attach it to its base")
     return attached
-
-
-def with_adapter(model: nnx.Module, adapter: Adapter) -> nnx.Module:
-    """A model sharing `model`'s graph and base weights with `adapter`'s parameters in place of its adapters."""
-    return _with_values(model, lambda pure: _merged(pure, adapter.params))
 
 
 def merge(model: nnx.Module) -> nnx.Module:

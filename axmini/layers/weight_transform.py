@@ -54,11 +54,6 @@ class WeightRoles(NamedTuple):
             raise ValueError(f"a weight of shape {value.shape} with input dims {inputs} has no input or no output dim")
         return cls(tuple(value.shape), axes, batch, inputs, outputs)
 
-    def keep(self, *roles: tuple[int, ...]) -> tuple[int, ...]:
-        """The weight's shape with every dim not in `roles` set to 1 (for broadcasting)."""
-        kept = {i for role in roles for i in role}
-        return tuple(d if i in kept else 1 for i, d in enumerate(self.shape))
-
 
 class WeightTransform(Layer):
     """Rewrites one weight of a layer where the layer reads it; subclasses hold their state as parameters.
