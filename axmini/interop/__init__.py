@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from axmini.interop.errors import ConversionError
 from axmini.interop.files import copy_model_files, output_dir
 from axmini.interop.hf import (
-    ConversionError,
     HFModel,
     choose_family,
     decoder_config,

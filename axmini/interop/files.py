@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from axmini.interop.hf import ConversionError
+from axmini.interop.errors import ConversionError
 
 # Tokenizer and generation settings: copied along when a model moves between axmini and Hugging Face.
 MODEL_FILES = (

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from axmini.config import ConfigBase, maybe_instantiate, visit
+from axmini.interop.errors import ConversionError
 from axmini.layers.attention import Attention, QKVProjection
 from axmini.layers.decoder import Decoder
 from axmini.layers.feed_forward import FeedForward, FeedForwardActivation
@@ -46,10 +47,6 @@ from axmini.layers.transformer import PatternStack, RepeatedStack, TransformerLa
 from axmini.module import Layer
 
 CONFIG_FILE = "config.json"
-
-
-class ConversionError(ValueError):
-    """A checkpoint or config that cannot be converted; the one-line message names the file, key or tensor."""
 
 
 class Family(NamedTuple):
@@ -404,10 +401,14 @@ def check_exportable(cfg: Decoder.Config, family: Family) -> HFModel:
     for path in [*want, *(p for p in got if p not in want)]:
         if want.get(path, "<absent>") != got.get(path, "<absent>"):
             raise ConversionError(
-                f"model.{path}={want.get(path, '<absent>')!r} cannot be expressed by a Hugging Face "
-                f"{family.architecture} checkpoint (it would be {got.get(path, '<absent>')!r})"
+                f"model.{path}={_show(want.get(path, '<absent>'))} cannot be expressed by a Hugging Face "
+                f"{family.architecture} checkpoint (it would be {_show(got.get(path, '<absent>'))})"
             )
     return model
+
+
+def _show(value: Any) -> str:
+    return f"{value.__module__}.{value.__qualname__}" if isinstance(value, type) else repr(value)
 
 
 def choose_family(cfg: Decoder.Config, preferred: str | None = None) -> HFModel:

@@ -24,7 +24,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, Sharding, SingleDeviceSharding
 from tqdm import tqdm
 
-from axmini.interop.hf import ConversionError, HFModel, TensorMap, ignored_tensor, tensor_maps
+from axmini.interop.errors import ConversionError
+from axmini.interop.hf import HFModel, TensorMap, ignored_tensor, tensor_maps
 from axmini.interop.safetensors import TensorIndex, TensorSpec, write_safetensors
 from axmini.layers.decoder import Decoder
 from axmini.module import LogicalAxisRules, build_abstract, logical_to_spec

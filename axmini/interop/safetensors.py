@@ -21,6 +21,8 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+from axmini.interop.errors import ConversionError
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -39,10 +41,6 @@ DTYPES: dict[str, np.dtype] = {
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
-class FormatError(ValueError):
-    """A missing, unreadable or inconsistent checkpoint file; the message names the file (and tensor)."""
-
-
 class TensorEntry(NamedTuple):
     file: Path
     dtype: np.dtype
@@ -57,19 +55,19 @@ def _read_header(path: Path) -> dict[str, TensorEntry]:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
     except FileNotFoundError:
-        raise FormatError(f"{path}: file not found") from None
+        raise ConversionError(f"{path}: file not found") from None
     except (OSError, struct.error, ValueError) as e:
-        raise FormatError(f"{path}: not a readable safetensors file ({e})") from None
+        raise ConversionError(f"{path}: not a readable safetensors file ({e})") from None
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         if info.get("dtype") not in DTYPES:
-            raise FormatError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, not one of {list(DTYPES)}")
+            raise ConversionError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, not one of {list(DTYPES)}")
         dtype, shape = DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
         start, end = info["data_offsets"]
         if end - start != math.prod(shape) * dtype.itemsize:
-            raise FormatError(f"{path}: tensor {name!r} holds {end - start} bytes, not those of {shape} {dtype}")
+            raise ConversionError(f"{path}: tensor {name!r} holds {end - start} bytes, not those of {shape} {dtype}")
         entries[name] = TensorEntry(path, dtype, shape, 8 + length + start, end - start)
     return entries
 
@@ -89,20 +87,24 @@ class TensorIndex:
             try:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (ValueError, KeyError) as e:
-                raise FormatError(f"{index_path}: not a safetensors index ({type(e).__name__}: {e})") from None
+                raise ConversionError(f"{index_path}: not a safetensors index ({type(e).__name__}: {e})") from None
             entries: dict[str, TensorEntry] = {}
             for file in sorted(set(weight_map.values())):
                 for name, entry in _read_header(directory / file).items():
                     if weight_map.get(name) != file:
-                        raise FormatError(f"{directory / file}: tensor {name!r} is not listed for it in {index_path}")
+                        raise ConversionError(
+                            f"{directory / file}: tensor {name!r} is not listed for it in {index_path}"
+                        )
                     entries[name] = entry
             missing = sorted(set(weight_map) - set(entries))
             if missing:
-                raise FormatError(f"{index_path}: tensor {missing[0]!r} is listed but not in {weight_map[missing[0]]}")
+                raise ConversionError(
+                    f"{index_path}: tensor {missing[0]!r} is listed but not in {weight_map[missing[0]]}"
+                )
             return cls(entries, str(index_path))
         single = directory / SINGLE_FILE
         if not single.exists():
-            raise FormatError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+            raise ConversionError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
         return cls(_read_header(single), str(single))
 
     def where(self, name: str) -> str:
@@ -117,7 +119,7 @@ class TensorIndex:
             f.seek(entry.offset)
             array = np.fromfile(f, dtype=entry.dtype, count=count)
         if array.size != count:
-            raise FormatError(f"{entry.file}: tensor {name!r} is truncated")
+            raise ConversionError(f"{entry.file}: tensor {name!r} is truncated")
         return array.reshape(entry.shape)
 
 
