@@ -7,11 +7,12 @@ once and filled layer by layer by an in-place (donated) update. Host memory ther
 plus about one tensor, never two copies of the model.
 
 Export: each parameter (or one layer of a stacked one) is fetched, laid out as Hugging Face's and written, so
-memory beyond the model is again about one tensor.
+memory beyond the model is again about one tensor. (Both keep freed tensors out of the heap: `_release_freed_buffers`.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +104,20 @@ def _zeros(shape: tuple[int, ...], dtype: Any, sharding: Sharding) -> jax.Array:
     return jax.make_array_from_callback(shape, sharding, shard)
 
 
+def _release_freed_buffers() -> None:
+    """Makes glibc give every buffer of 1 MiB or more back to the OS when it is freed.
+
+    A streamed import allocates and frees one tensor after another. glibc raises its mmap threshold to the largest
+    block freed so far (up to 32 MiB), after which such tensors come from the heap, and freed heap memory mostly stays
+    in the process: a 1.1B-parameter import then peaked at 1.43x its size instead of 1.26x. A fixed threshold keeps
+    every large buffer mmap-backed. Process-wide and harmless elsewhere; a no-op without glibc.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def load_params(
     directory: str | Path,
     model: HFModel,
@@ -116,6 +131,7 @@ def load_params(
     of `decoder_config(model)`, with any param dtype), placed on `mesh` by `rules` (or on one device)."""
     index = TensorIndex.open(directory)
     maps = check_tensors(index, model, params)
+    _release_freed_buffers()
     shardings = param_shardings(params, mesh, rules)
     variables = {_path(path): v for path, v in nnx.to_flat_state(params)}
     by_path: dict[str, list[TensorMap]] = {}
@@ -174,6 +190,7 @@ def save_hf_tensors(
 ) -> list[Path]:
     """Writes `params` into `directory` as `model`'s safetensors file(s)."""
     specs, produce = export_specs(model, params)
+    _release_freed_buffers()
     bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress)
     files = write_safetensors(
         directory, specs, produce, max_shard_bytes=max_shard_bytes, on_tensor=lambda _: bar.update()
