@@ -18,15 +18,30 @@ class UsageError(Exception):
     """A bad invocation: printed in one line, exit code 2."""
 
 
-def experiment_config(name: str, overrides: Sequence[str], trainer_dir: str | None = None) -> Any:
-    """The named experiment with `--set` overrides applied (and `dir` set when given)."""
+def experiment_config(
+    name: str, overrides: Sequence[str], trainer_dir: str | None = None, model_dir: str | Path | None = None
+) -> Any:
+    """The named experiment with `--set` overrides applied (and `dir` set when given). With `model_dir` (an imported
+    model's Hugging Face config.json and tokenizer) the model, and the tokenizer of the corpus, are that model's."""
     import experiments
     from axmini.config import apply_overrides
 
-    cfg = apply_overrides(experiments.get(name), list(overrides))
+    cfg = experiments.get(name)
+    if model_dir is not None:
+        from axmini.interop.runs import imported_trainer_config
+
+        cfg = imported_trainer_config(cfg, model_dir)
+    cfg = apply_overrides(cfg, list(overrides))
     if trainer_dir is not None:
         cfg.set(dir=trainer_dir)
     return cfg
+
+
+def run_config(trainer_dir: str, record: dict[str, Any]) -> Any:
+    """The config of the run in `trainer_dir`, from its run record (with its own model when it holds an imported
+    one: the record's `model_dir`)."""
+    model_dir = Path(trainer_dir) / record["model_dir"] if record.get("model_dir") else None
+    return experiment_config(record["config"], record["overrides"], trainer_dir, model_dir)
 
 
 def check_writable_dir(path: str) -> None:

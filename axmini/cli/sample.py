@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from axmini.cli.common import Runner, UsageError, experiment_config, read_run_file
+from axmini.cli.common import Runner, UsageError, read_run_file, run_config
 
 
 def add_parser(commands: Any) -> None:
@@ -30,7 +30,7 @@ def prepare(args: argparse.Namespace) -> Runner:
             f"--temperature={args.temperature} >= 0"
         )
     run_record = read_run_file(args.trainer_dir)
-    cfg = experiment_config(run_record["config"], run_record["overrides"], args.trainer_dir)
+    cfg = run_config(args.trainer_dir, run_record)
     cfg.set(progress_bar=False)
     trainer = cfg.instantiate()
     if trainer.input.vocabulary() is None:
@@ -44,7 +44,9 @@ def prepare(args: argparse.Namespace) -> Runner:
     def run() -> int:
         import jax
 
-        state = trainer.restore_or_init(checkpointer)
+        from axmini.interop.runs import restore_params
+
+        state = restore_params(trainer, trainer.config.checkpointer.dir)  # The weights only: no optimizer state.
         for i in range(args.num_samples):
             text = sample_text(
                 trainer,

@@ -1,5 +1,10 @@
-"""`axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]`: trains a named
-experiment, resuming from the latest checkpoint in the trainer dir."""
+"""`axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE] [--init_from=SRC]`:
+trains a named experiment, resuming from the latest checkpoint in the trainer dir.
+
+`--init_from=hf:DIR` (a Hugging Face model dir) or `--init_from=TRAINER_DIR` starts a new run from those weights
+(the step-0 checkpoint holds them with a fresh optimizer state). A source that carries its own model (an HF dir, or a
+trainer dir made from one) replaces the experiment's model, and its tokenizer the corpus's (axmini.interop.runs).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("--trainer_dir", help="run directory (default: runs/<config>); resumes from its checkpoints")
     parser.add_argument("--mesh_selector", help="instance type (cpu, gpu-h100-8, tpu-v5p-256...); default: detected")
     parser.add_argument("--sample_prompt", default="The", help="print a sample for this prompt at the end ('': none)")
+    parser.add_argument(
+        "--init_from", help="start a new run from these weights: hf:DIR (a Hugging Face model dir) or a trainer dir"
+    )
     parser.set_defaults(prepare=prepare)
 
 
@@ -35,10 +43,18 @@ def prepare(args: argparse.Namespace) -> Runner:
     trainer_dir = args.trainer_dir or str(Path("runs") / args.config)
     check_writable_dir(trainer_dir)
     previous = Path(trainer_dir) / RUN_FILE
-    if previous.exists() and json.loads(previous.read_text()).get("config") != args.config:
-        other = json.loads(previous.read_text()).get("config")
-        raise UsageError(f"--trainer_dir={trainer_dir} holds a run of experiment {other!r}; use another dir")
-    cfg = experiment_config(args.config, args.set, trainer_dir)
+    record = json.loads(previous.read_text()) if previous.exists() else {}
+    if record and record.get("config") != args.config:
+        raise UsageError(
+            f"--trainer_dir={trainer_dir} holds a run of experiment {record.get('config')!r}; use another dir"
+        )
+    if record.get("params_only"):
+        raise UsageError(
+            f"--trainer_dir={trainer_dir} holds converted weights without optimizer state; fine-tune them in a new dir "
+            f"with --init_from={trainer_dir} --trainer_dir=NEW_DIR"
+        )
+    source, model_dir = _init_source(args, trainer_dir, record)
+    cfg = experiment_config(args.config, args.set, trainer_dir, model_dir)
     if args.mesh_selector:
         cfg.set(mesh_selector=args.mesh_selector)
     trainer = cfg.instantiate()  # Validates everything; writes nothing in the trainer dir.
@@ -46,13 +62,20 @@ def prepare(args: argparse.Namespace) -> Runner:
     def run() -> int:
         if jax.process_index() == 0:
             Path(trainer_dir).mkdir(parents=True, exist_ok=True)
-            record = {"config": args.config, "overrides": list(args.set)}
-            (Path(trainer_dir) / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            new_record = {"config": args.config, "overrides": list(args.set)}
+            if source is not None:
+                from axmini.interop.runs import MODEL_DIR, copy_model_dir
+
+                copy_model_dir(source, trainer_dir, cfg.model.param_dtype)
+                new_record.update(init_from=source.text, **({"model_dir": MODEL_DIR} if source.model_dir else {}))
+            (Path(trainer_dir) / RUN_FILE).write_text(json.dumps({**record, **new_record}, indent=2) + "\n")
             print(
                 f"axmini train: experiment {args.config!r} -> {trainer_dir}; {trainer.num_params:,} parameters; "
                 f"instance {trainer.instance.name}, mesh {dict(trainer.mesh.shape)}",
                 flush=True,
             )
+        if source is not None:
+            _save_initial_state(trainer, source)
         result = trainer.run()
         if jax.process_index() == 0:
             _print_result(result)
@@ -73,6 +96,33 @@ def prepare(args: argparse.Namespace) -> Runner:
         return 0
 
     return run
+
+
+def _init_source(args: argparse.Namespace, trainer_dir: str, record: dict[str, Any]) -> tuple[Any, Path | None]:
+    """(the --init_from source, or None when there is none or the run already has checkpoints to resume from; the
+    dir of the model the run trains when it is an imported one)."""
+    has_checkpoint = any((Path(trainer_dir) / "checkpoints").glob("[0-9]*"))
+    model_dir = Path(trainer_dir) / record["model_dir"] if record.get("model_dir") else None
+    if not args.init_from:
+        return None, model_dir
+    if has_checkpoint:
+        print(f"axmini train: {trainer_dir} has checkpoints: resuming, --init_from ignored", file=sys.stderr)
+        return None, model_dir
+    from axmini.interop.runs import parse_init_from
+
+    source = parse_init_from(args.init_from)
+    return source, source.model_dir
+
+
+def _save_initial_state(trainer: Any, source: Any) -> None:
+    """Saves the step-0 checkpoint of a run that starts from `source`'s weights (the run then resumes from it)."""
+    from axmini.interop.runs import initial_params, initial_state
+
+    checkpointer = trainer.config.checkpointer.instantiate()
+    checkpointer.save(
+        0, initial_state(trainer, initial_params(trainer, source)), {"init_from": source.text}, force=True
+    )
+    checkpointer.close()
 
 
 class _Terminated(Exception):
