@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from axmini.config import Configurable, FunctionConfigBase, config_for_function
+from axmini.config import Configurable, FunctionConfigBase, config_for_function, optional
 
 # A logical-axis rule maps one logical name to a mesh axis, a tuple of mesh axes, or None (replicated).
 LogicalAxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -86,7 +86,7 @@ class Layer(Configurable, nnx.Module):
         param_dtype: Any = jnp.float32
         param_init: FunctionConfigBase = config_for_function(fan_in_normal)
         # A WeightTransform config applied to each of the layer's `weight_names` where it reads them. None: off.
-        weight_transform: Layer.Config | None = None
+        weight_transform: Layer.Config | None = optional(None)
 
         def instantiate(self, **kwargs: Any) -> Any:
             layer = super().instantiate(**kwargs)

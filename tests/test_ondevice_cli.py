@@ -43,16 +43,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("ondevice")
     assert train(root / "base", "--set=max_step=2") == 0
     for feature in ("lora", "qat"):
-        assert (
-            train(root / feature, f"--feature={feature}", "--set=max_step=2", f"--set=init_from={root / 'base'}") == 0
-        )
+        assert train(root / feature, f"--feature={feature}", "--set=max_step=2", f"--init_from={root / 'base'}") == 0
     return root
 
 
 def test_fine_tunes_write_their_exports_and_report_the_quantized_loss(runs, capsys):
     assert (runs / "lora" / "adapter" / "adapter.json").is_file() and (runs / "qat" / "quantized.npz").is_file()
     assert json.loads((runs / "lora" / "run.json").read_text())["features"] == ["lora"]
-    assert train(runs / "qat", "--feature=qat", "--set=max_step=2", f"--set=init_from={runs / 'base'}") == 0
+    assert train(runs / "qat", "--feature=qat", "--set=max_step=2") == 0
     assert "validation loss" in capsys.readouterr().out  # Resumed at max_step: evaluates again...
     assert main(["configs", "show", "tiny", "--feature=qat"]) == 0
     assert "weight_transform.bits: 2" in capsys.readouterr().out
@@ -94,7 +92,7 @@ def test_bad_on_device_input_is_a_one_line_error(runs, tmp_path, capsys):
     )
     one_line_error(
         capsys,
-        ["train", "--config=tiny", f"--trainer_dir={tmp_path / 'r'}", f"--set=init_from={tmp_path}"],
+        ["train", "--config=tiny", f"--trainer_dir={tmp_path / 'r'}", f"--init_from={tmp_path}"],
         "holds no checkpoint",
     )
     one_line_error(capsys, ["train", "--config=tiny", f"--trainer_dir={runs / 'lora'}"], "features ['lora']")

@@ -1,8 +1,10 @@
-"""The `axmini` command: train, sample, configs (one module each here), report, launch.
+"""The `axmini` command: train, sample, configs, convert, export (one module each here), report, launch.
 
     axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]
     axmini sample --trainer_dir=DIR --prompt "..."
     axmini configs list | show NAME [--set ...] | diff A B
+    axmini convert hf DIR --out TRAINER_DIR [--config NAME]     (a Hugging Face model as a trainer dir)
+    axmini export hf TRAINER_DIR --out DIR                      (a run's model as a Hugging Face dir)
     axmini report modularity|history  (the modularity reports: axmini.tools.cli)
     axmini launch local|tpu|gpu ...   (multi-process and cluster runs: axmini.launch.launcher)
 
@@ -19,18 +21,19 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from axmini.cli import configs, sample, train
+from axmini.cli import configs, convert, export, sample, train
 from axmini.cli.common import USAGE_ERROR, UsageError
 
-COMMANDS = (train, sample, configs)
+COMMANDS = (train, sample, configs, convert, export)
 
 
 def _setup_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean 'bad input' while a command is being prepared."""
     from axmini.config import ConfigError
+    from axmini.interop.errors import ConversionError
     from experiments import UnknownExperimentError
 
-    return (UsageError, ConfigError, UnknownExperimentError)
+    return (UsageError, ConfigError, UnknownExperimentError, ConversionError)
 
 
 def _one_line(error: BaseException) -> str:

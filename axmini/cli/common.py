@@ -31,15 +31,24 @@ def add_feature_flag(parser: Any) -> None:
 
 
 def experiment_config(
-    name: str, overrides: Sequence[str], trainer_dir: str | None = None, features: Sequence[str] = ()
+    name: str,
+    overrides: Sequence[str],
+    trainer_dir: str | None = None,
+    features: Sequence[str] = (),
+    model_dir: str | Path | None = None,
 ) -> Any:
     """The named experiment with `features` (names in axmini.features.FEATURES) and then the `--set` overrides
-    applied (and `dir` set when given)."""
+    applied (and `dir` set when given). With `model_dir` (an imported model's Hugging Face config.json and tokenizer)
+    the model, and the tokenizer of the corpus, are that model's; the features then apply to it."""
     import experiments
     from axmini.config import apply_overrides
     from axmini.features import FEATURES
 
     cfg = experiments.get(name)
+    if model_dir is not None:
+        from axmini.interop.runs import imported_trainer_config
+
+        cfg = imported_trainer_config(cfg, model_dir)
     for feature in features:
         if feature not in FEATURES:
             raise UsageError(f"--feature {feature}: unknown feature; known: {', '.join(FEATURES)}")
@@ -48,6 +57,13 @@ def experiment_config(
     if trainer_dir is not None:
         cfg.set(dir=trainer_dir)
     return cfg
+
+
+def run_config(trainer_dir: str, record: dict[str, Any]) -> Any:
+    """The config of the run in `trainer_dir`, from its run record (with its own model when it holds an imported
+    one: the record's `model_dir`; with the record's features)."""
+    model_dir = Path(trainer_dir) / record["model_dir"] if record.get("model_dir") else None
+    return experiment_config(record["config"], record["overrides"], trainer_dir, record.get("features", []), model_dir)
 
 
 def check_writable_dir(path: str) -> None:

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from axmini.cli.common import QUANTIZED_FILE, Runner, UsageError, experiment_config, read_run_file
+from axmini.cli.common import QUANTIZED_FILE, Runner, UsageError, read_run_file, run_config
 
 
 def add_parser(commands: Any) -> None:
@@ -44,9 +44,7 @@ def prepare(args: argparse.Namespace) -> Runner:
             f"--temperature={args.temperature} >= 0"
         )
     run_record = read_run_file(args.trainer_dir)
-    cfg = experiment_config(
-        run_record["config"], run_record["overrides"], args.trainer_dir, run_record.get("features", [])
-    )
+    cfg = run_config(args.trainer_dir, run_record)
     cfg.set(progress_bar=False)
     trainer = cfg.instantiate()
     vocabulary = trainer.input.vocabulary()
@@ -66,10 +64,11 @@ def prepare(args: argparse.Namespace) -> Runner:
     def run() -> int:
         import jax
 
+        from axmini.interop.runs import restore_params
         from axmini.lora import attach_adapter
         from axmini.qat import load_quantized
 
-        state = trainer.restore_or_init(checkpointer)
+        state = restore_params(trainer, trainer.config.checkpointer.dir)  # The weights only: no optimizer state.
         if args.quantized:
             models = [("", load_quantized(trainer.config.model, quantized))]
         elif adapters:

@@ -30,6 +30,7 @@ from axmini.config import (
     config_for_function,
     config_path,
     maybe_instantiate,
+    optional,
 )
 
 
@@ -101,7 +102,7 @@ class Learner(Configurable):
         max_grad_norm: float | None = 1.0
         no_decay_patterns: list[str] = list(DEFAULT_NO_DECAY)
         # None: every parameter trains. Else only those whose path one of these regexes matches; the rest is frozen.
-        trainable_patterns: list[str] | None = None
+        trainable_patterns: list[str] | None = optional(None)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)

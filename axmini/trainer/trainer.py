@@ -40,6 +40,7 @@ from axmini.config import (
     check_positive,
     config_path,
     fill_child,
+    optional,
 )
 from axmini.mesh_rules import (
     MeshRule,
@@ -55,7 +56,7 @@ from axmini.trainer.evaluator import Evaluator
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 from axmini.trainer.learner import Learner
 from axmini.trainer.summary import ProgressBar, SummaryWriter, mfu
-from axmini.trainer.warm_start import checkpoints_dir, warm_started
+from axmini.trainer.warm_start import check_init_from, has_checkpoint, warm_started
 
 State = dict[str, Any]
 BATCH_AXES = ("batch", "length")
@@ -118,9 +119,9 @@ class Trainer(Configurable):
         mesh_selector: str | None = None  # An instance type (cpu, gpu-h100-8, tpu-v5p-256...); None: detect.
         seed: int = 0
         progress_bar: bool = True
-        # A trainer dir whose latest parameters start this run when it has no checkpoint of its own (the base model
-        # of a LoRA or QAT fine-tune; see axmini/trainer/warm_start.py). None: start from the initializers.
-        init_from: str | None = None
+        # The weights this run starts from when it has no checkpoint of its own (the base model of a fine-tune): a
+        # trainer dir, or hf:DIR (a Hugging Face model dir); see axmini/trainer/warm_start.py. None: the initializers.
+        init_from: str | None = optional(None)
 
     def __init__(self, cfg: Config, *, devices: list[jax.Device] | None = None):
         selector = cfg.mesh_selector or detect_instance_type()
@@ -134,8 +135,8 @@ class Trainer(Configurable):
         self.mesh = make_mesh(self.mesh_rule, devices, num_slices)
         self.rules = tuple(tuple(rule) for rule in self.mesh_rule.logical_axis_rules)
         self._check(cfg)
-        if cfg.init_from is not None:
-            checkpoints_dir(cfg.init_from)
+        if cfg.init_from is not None and not has_checkpoint(cfg.checkpointer.dir):  # Resuming never reads it.
+            check_init_from(cfg.init_from, cfg.model)
         self.input: Input = cfg.input.instantiate()
         self.evaluator: Evaluator = cfg.evaluator.instantiate()
         self.learner: Learner = cfg.learner.instantiate()
@@ -363,8 +364,11 @@ class Trainer(Configurable):
         self._write_run_files()
         checkpointer: Checkpointer = cfg.checkpointer.instantiate()
         writer: SummaryWriter = cfg.summary_writer.instantiate()
+        warm_start = cfg.init_from is not None and not checkpointer.all_steps()
         state = self.restore_or_init(checkpointer)
         step = int(jax.device_get(state["step"]))
+        if warm_start:  # The run's own starting point: a resume never reads the source again.
+            checkpointer.save(step, state, {"input_position": step, "init_from": cfg.init_from}, force=True)
         writer.start_at(step)
         losses: dict[int, float] = {}
         eval_metrics: dict[str, float] = {}
