@@ -59,6 +59,10 @@ def token_strings(vocabulary: Any) -> dict[int, str]:
     a space; control (pad, EOS) and unknown pieces left out. `vocabulary` is a seqio SentencePieceVocabulary or a
     SentencePieceProcessor."""
     processor = getattr(vocabulary, "tokenizer", vocabulary)
+    if not hasattr(processor, "id_to_piece"):  # E.g. an imported model's tokenizer.json (byte-level BPE).
+        raise GuidedGenerationError(
+            f"guided generation reads SentencePiece vocabularies; this model's is a {type(vocabulary).__name__}"
+        )
     return {
         i: processor.id_to_piece(i).replace(WORD_START, " ")
         for i in range(processor.get_piece_size())

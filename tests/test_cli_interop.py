@@ -106,6 +106,7 @@ def test_finetune_from_a_hugging_face_dir_lowers_the_loss_with_its_tokenizer_jso
     losses = _losses(run)
     assert len(losses) == 20 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
     assert main(["sample", f"--trainer_dir={run}", "--prompt=The", "--max_new_tokens=3", "--temperature=0"]) == 0
+    fails_in_one_line(capsys, ["sample", f"--trainer_dir={run}", "--prompt=x", "--regex=[0-9]"], "SentencePiece")
 
 
 def test_init_from_a_converted_dir_starts_from_its_weights(converted, sentencepiece_dir, tmp_path):
