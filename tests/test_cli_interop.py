@@ -3,8 +3,10 @@ that sample, fine-tune and export use; the model's own tokenizer comes along; ba
 and writes nothing."""
 
 import json
+import re
 import shutil
 
+import flax.nnx as nnx
 import numpy as np
 import pytest
 import tokenizers
@@ -14,7 +16,10 @@ from test_cli import fails_in_one_line, snapshot
 from test_interop import BAD_INPUTS
 
 from axmini.cli import main
+from axmini.cli.common import read_run_file, run_config
+from axmini.interop.runs import restore_params
 from axmini.interop.safetensors import TensorIndex
+from axmini.lora import ADAPTER_PATTERN
 from axmini.trainer import corpus
 
 SMALL = ["input.sequence_length=32", "evaluator.input.sequence_length=32", "evaluator.num_batches=1"]
@@ -118,6 +123,44 @@ def test_init_from_a_converted_dir_starts_from_its_weights(converted, sentencepi
     assert main(["export", "hf", str(run), f"--out={tmp_path / 'out'}"]) == 0  # The step-0 weights, as imported.
     before, after = TensorIndex.open(sentencepiece_dir), TensorIndex.open(tmp_path / "out")
     assert all(before.read(n).tobytes() == after.read(n).tobytes() for n in before.entries)
+
+
+def _params(trainer_dir):
+    """{path: array} of the parameters in the latest checkpoint of `trainer_dir`."""
+    trainer = run_config(str(trainer_dir), read_run_file(str(trainer_dir))).set(progress_bar=False).instantiate()
+    params = restore_params(trainer, trainer.config.checkpointer.dir)["params"]
+    return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
+
+
+@pytest.mark.parametrize("source", ["converted", "hf"])
+def test_lora_fine_tune_of_an_imported_model_trains_adapters_on_its_frozen_weights(
+    source, converted, sentencepiece_dir, tmp_path, capsys
+):
+    run = tmp_path / "lora"
+    init_from = str(converted) if source == "converted" else f"hf:{sentencepiece_dir}"
+    argv = ["train", "--config=finetune", f"--init_from={init_from}", "--feature=lora", f"--trainer_dir={run}"]
+    assert main([*argv, "--sample_prompt=", *(f"--set={s}" for s in [*SMALL, "max_step=2"])]) == 0
+    record = json.loads((run / "run.json").read_text())
+    assert record["features"] == ["lora"] and record["init_from"] == init_from and record["model_dir"] == "model"
+    assert (run / "checkpoints" / "0").is_dir()  # The starting point, saved before the first step.
+    base, tuned = _params(converted), _params(run)
+    assert all(np.array_equal(tuned[path], base[path]) for path in base)  # Frozen: bit-identical to the import.
+    adapters = sorted(set(tuned) - set(base))
+    assert adapters and all(re.search(ADAPTER_PATTERN, path) for path in adapters)
+    assert any(np.abs(tuned[path]).max() > 0 for path in adapters if path.endswith("lora/b"))  # B left zero: trained.
+    capsys.readouterr()
+    adapter = run / "adapter"
+    sample = ["sample", f"--trainer_dir={converted}", "--prompt=The", "--max_new_tokens=3", f"--adapter={adapter}"]
+    assert main(sample) == 0
+    assert capsys.readouterr().out.startswith(f"[adapter {adapter}] The")
+
+
+def test_init_from_a_hugging_face_dir_without_its_model_is_a_one_line_error(sentencepiece_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--config=tiny", f"--trainer_dir={run}", f"--set=init_from=hf:{sentencepiece_dir}"]
+    fails_in_one_line(capsys, argv, f"init_from=hf:{sentencepiece_dir}", "do not fit", "--init_from=")
+    fails_in_one_line(capsys, [*argv[:3], f"--init_from=hf:{tmp_path}"], "config.json not found")
+    assert not run.exists()
 
 
 def test_training_in_place_of_a_converted_dir_is_refused(converted, capsys):
