@@ -20,6 +20,8 @@ class Linear(Layer):
         # Logical names of the weight's two dims; the bias takes the second.
         axes: tuple[str | None, str | None] = ("embed", "mlp")
 
+    weight_names = ("weight",)
+
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         super().check_config(cfg)
@@ -34,7 +36,7 @@ class Linear(Layer):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x, self.weight[...].astype(x.dtype))
+        y = jnp.einsum("...i,io->...o", x, self.read_weight(self.weight).astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y

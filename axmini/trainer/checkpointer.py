@@ -133,8 +133,9 @@ def array_records(tree: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
     return records, [path for (path, _), ok in zip(leaves, finite) if not ok]
 
 
-def _first_difference(saved: dict[str, dict[str, Any]], abstract_state: Any) -> str | None:
-    """How the saved arrays differ from those of `abstract_state` (the first difference, parameters first), or None."""
+def _first_difference(saved: dict[str, dict[str, Any]], abstract_state: Any, partial: bool = False) -> str | None:
+    """How the saved arrays differ from those of `abstract_state` (the first difference, parameters first), or None.
+    `partial`: arrays saved but not asked for are no difference."""
     expected = dict(sorted(_leaves(abstract_state), key=lambda item: not item[0].startswith("params/")))
     for path, leaf in expected.items():
         if path not in saved:
@@ -142,7 +143,7 @@ def _first_difference(saved: dict[str, dict[str, Any]], abstract_state: Any) -> 
         shape, dtype = tuple(saved[path]["shape"]), saved[path]["dtype"]
         if (shape, dtype) != (tuple(leaf.shape), str(leaf.dtype)):
             return f"{path} has shape {shape} {dtype} in the checkpoint, {tuple(leaf.shape)} {leaf.dtype} here"
-    extra = next((path for path in saved if path not in expected), None)
+    extra = None if partial else next((path for path in saved if path not in expected), None)
     return f"{extra} {tuple(saved[extra]['shape'])} is in the checkpoint only" if extra else None
 
 
@@ -207,9 +208,12 @@ class Checkpointer(Configurable):
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(record))
         return self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any, *, config: str | None = None) -> Restored:
+    def restore(self, step: int, abstract_state: Any, *, config: str | None = None, partial: bool = False) -> Restored:
         """The checkpoint at `step`, placed as `abstract_state`'s leaves say (ShapeDtypeStructs with shardings), and
         verified. `config`: the text of the config restoring it, named in a mismatch error.
+
+        `partial`: `abstract_state` names only some of the saved arrays (e.g. {"params": ..., "rest": ...} to sample
+        or to start a fine-tune without reading the optimizer state); the others are neither read nor compared.
 
         Raises CheckpointMismatchError when it holds other arrays, CorruptCheckpointError when it cannot be used."""
         try:
@@ -218,7 +222,7 @@ class Checkpointer(Configurable):
         except Exception as e:  # A missing or truncated record: the checkpoint is unusable.
             raise CorruptCheckpointError(f"unreadable record: {_one_line(e)}") from None
         saved = record.get("arrays", {})  # Empty: written before checkpoints recorded their arrays.
-        difference = _first_difference(saved, abstract_state) if saved else None
+        difference = _first_difference(saved, abstract_state, partial=partial) if saved else None
         if difference:
             changed = config_differences(record["config"], config) if config and "config" in record else ""
             raise CheckpointMismatchError(
@@ -227,35 +231,49 @@ class Checkpointer(Configurable):
                 + "; resume with the config it was written with, or train in another directory"
             )
         try:
-            state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+            state = self._read(step, abstract_state, partial)
         except Exception as e:  # Any read failure: a truncated or corrupted file, a missing array...
             raise CorruptCheckpointError(f"unreadable: {_one_line(e)}") from None
-        arrays, non_finite = array_records(state["state"])
+        arrays, non_finite = array_records(state)
         bad = [path for path, a in arrays.items() if path in saved and a["fingerprint"] != saved[path]["fingerprint"]]
         if bad:
             raise CorruptCheckpointError(f"{len(bad)} array(s) fail their fingerprint, first {bad[0]}")
         if non_finite:
             raise CorruptCheckpointError(f"{len(non_finite)} array(s) hold NaN or infinity, first {non_finite[0]}")
-        return Restored(step, state["state"], record)
+        return Restored(step, state, record)
+
+    def _read(self, step: int, abstract_state: Any, partial: bool) -> Any:
+        if not partial:
+            return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+                "state"
+            ]
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=True)
+        return ocp.PyTreeCheckpointer().restore(self._dir / str(step) / "state", args=args)
 
     def restore_latest(
-        self, abstract_state: Any, *, config: str | None = None, before: int | None = None
+        self, abstract_state: Any, *, config: str | None = None, before: int | None = None, partial: bool = False
     ) -> Restored | None:
         """The newest checkpoint (older than `before`, if given) that restores and verifies; None when there is
         none. Corrupt newer ones are moved aside, each with a one-line warning, once an older one has restored.
+        `partial`: as in `restore`.
 
         Raises CheckpointMismatchError (another model's checkpoint) or NoRestorableCheckpointError (checkpoints, none
         usable), touching nothing."""
         corrupt: list[tuple[int, str]] = []
         for step in reversed([s for s in self.all_steps() if before is None or s < before]):
             try:
-                restored = self.restore(step, abstract_state, config=config)
+                restored = self.restore(step, abstract_state, config=config, partial=partial)
             except CorruptCheckpointError as e:
                 corrupt.append((step, str(e)))
                 continue
             for bad_step, reason in corrupt:
                 self.set_aside(bad_step, f"corrupt, {reason}", fallback=step)
-            changed = config_differences(restored.metadata.get("config", config or ""), config or "")
+            changed = (
+                config_differences(restored.metadata["config"], config)
+                if config and "config" in restored.metadata
+                else ""
+            )
             if changed:
                 logger.warning("resuming checkpoint step %d with a changed config: %s", step, changed)
             return restored
