@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import experiments
+from axmini import experiments
 from axmini.config import ConfigBase, map_configs, replace_config
+from axmini.experiments.decoders import tiny_decoder
 from axmini.layers.attention import Attention, FusedQKVProjection
 from axmini.layers.feed_forward import FeedForward, FeedForwardActivation
 from axmini.layers.norm import LayerNorm, RMSNorm
@@ -25,7 +26,6 @@ from axmini.layers.position import RoPEProjection
 from axmini.layers.transformer import BaseStack
 from axmini.module import build_abstract
 from axmini.tools.metrics import is_subclass, model_configs
-from experiments.decoders import tiny_decoder
 
 ConfigFn = Callable[[], ConfigBase]
 Rewrite = Callable[[ConfigBase], ConfigBase]
