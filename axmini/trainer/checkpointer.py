@@ -76,9 +76,16 @@ class Checkpointer(Configurable):
         )
         return self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> Restored:
-        """The checkpoint at `step`, placed as `abstract_state`'s leaves say (ShapeDtypeStructs with shardings)."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore())
+    def restore(self, step: int, abstract_state: Any, *, partial: bool = False) -> Restored:
+        """The checkpoint at `step`, placed as `abstract_state`'s leaves say (ShapeDtypeStructs with shardings).
+        With `partial`, `abstract_state` may hold only some of the state's entries (e.g. the model's, to sample):
+        only those are read."""
+        if partial:
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+            state = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=True)
+        else:
+            state = ocp.args.StandardRestore(abstract_state)
+        args = ocp.args.Composite(state=state, metadata=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
         return Restored(step, restored["state"], dict(restored["metadata"]))
 
