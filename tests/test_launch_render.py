@@ -11,12 +11,14 @@ import pytest
 import yaml
 from golden_files import check_golden
 
-import experiments
-from axmini.config import ConfigBase, ConfigTypeError
+from axmini import experiments
+from axmini.config import ConfigTypeError
+from axmini.experiments.lm import tiny
 from axmini.launch import launcher
 from axmini.launch.render import gcloud_script, jobset, jobset_yaml, render, xpk_argv, xpk_command
 from axmini.launch.spec import LaunchSpec, LaunchSpecError, check, train_command, validate
 from axmini.mesh_rules import MeshRule
+from axmini.trainer.trainer import Trainer
 
 GOLDEN = Path(__file__).parent / "golden" / "launch"
 IMAGE = "us-docker.pkg.dev/my-proj/axmini/axmini:2026.11"
@@ -244,12 +246,8 @@ def test_mesh_that_does_not_cover_the_chips_is_refused() -> None:
     assert validate(_spec(instance_type="tpu-v5p-128"), "jobset", mesh_rules=rules) == []
 
 
-class _TrainerLike(ConfigBase):
-    mesh_rules: list[MeshRule] = []
-
-
-def _model_16_experiment() -> _TrainerLike:
-    return _TrainerLike(mesh_rules=[MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1, "model": 16})])
+def _model_16_experiment() -> Trainer.Config:
+    return tiny().set(mesh_rules=[MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1, "model": 16})])
 
 
 def test_mesh_rules_come_from_the_named_experiment_and_its_overrides() -> None:
@@ -264,7 +262,7 @@ def test_mesh_rules_come_from_the_named_experiment_and_its_overrides() -> None:
     assert "256 devices" in error
     bad_set = fits.clone(command=[*fits.command, "--set=mesh_rulez=1"])
     (error,) = validate(bad_set, "jobset")
-    assert "mesh_rulez" in error and "did you mean 'mesh_rules'" in error
+    assert "mesh_rulez" in error and "did you mean 'mesh_rule' or 'mesh_rules'" in error
     unknown = fits.clone(command=["axmini", "train", "--experiment", "no-such-experiment"])
     (error,) = validate(unknown, "jobset")
     assert "unknown experiment 'no-such-experiment'" in error

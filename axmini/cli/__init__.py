@@ -1,16 +1,18 @@
-"""The `axmini` command: train, sample, configs (one module each here), report, launch.
+"""The `axmini` command: train, sample, eval, configs (one module each here), report, launch.
 
-    axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]
-    axmini sample --trainer_dir=DIR --prompt "..."
-    axmini configs list | show NAME [--set ...] | diff A B
+    axmini train --config=EXPERIMENT [--data=GLOB ...] [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=T]
+    axmini sample --trainer_dir=DIR [--prompt "..." | --prompt_file=FILE | < prompts]
+    axmini eval --trainer_dir=DIR [--data=GLOB] [--split=validation|train]
+    axmini configs list | show EXPERIMENT [--mesh_selector=TYPE] [--set ...] | diff A B
     axmini report modularity|history  (the modularity reports: axmini.tools.cli)
     axmini launch local|tpu|gpu ...   (multi-process and cluster runs: axmini.launch.launcher)
 
-A command first checks its whole invocation (`prepare`), then runs. Bad input found while preparing (an unknown
-experiment, an unknown --set path, a value of the wrong type or one a layer refuses, an unwritable trainer dir) is
-reported in one line on stderr with exit code 2, before anything is written. Any other exception is a bug: it
-propagates with its traceback (exit code 1). Heavy modules (jax, seqio) are imported inside the commands, so
-`--help` is instant.
+An EXPERIMENT is a built-in name (`axmini configs list`), FILE.py:FUNCTION or MODULE:FUNCTION. A command first
+checks its whole invocation (`prepare`), then runs. Bad input found while preparing (an unknown experiment or a
+file without it, an unknown --set path, a value of the wrong type or one a layer refuses, data that cannot be read,
+an unwritable trainer dir) is reported in one line on stderr with exit code 2, before anything is written. Any other
+exception is a bug: it propagates with its traceback (exit code 1). Heavy modules (jax, seqio) are imported inside
+the commands, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -20,17 +22,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from axmini.cli import configs, sample, train
+from axmini.cli import eval as eval_command
 from axmini.cli.common import USAGE_ERROR, UsageError
+from axmini.config import ConfigError
 
-COMMANDS = (train, sample, configs)
-
-
-def _setup_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean 'bad input' while a command is being prepared."""
-    from axmini.config import ConfigError
-    from experiments import UnknownExperimentError
-
-    return (UsageError, ConfigError, UnknownExperimentError)
+COMMANDS = (train, sample, eval_command, configs)
+SETUP_ERRORS = (UsageError, ConfigError)  # What means 'bad input' while a command is prepared.
 
 
 def _one_line(error: BaseException) -> str:
@@ -78,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         run = args.prepare(args)  # Every check of the invocation; nothing is written yet.
-    except _setup_errors() as e:
+    except SETUP_ERRORS as e:
         print(f"axmini {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
     return run()

@@ -1,5 +1,6 @@
-"""`axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]`: trains a named
-experiment, resuming from the latest checkpoint in the trainer dir."""
+"""`axmini train --config=EXPERIMENT [--data=GLOB ...] [--set path=value ...] [--trainer_dir=DIR]
+[--mesh_selector=TYPE]`: trains an experiment (built in, or FILE.py:FUNCTION, or MODULE:FUNCTION), resuming from the
+latest checkpoint in the trainer dir."""
 
 from __future__ import annotations
 
@@ -12,16 +13,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from axmini.cli.common import RUN_FILE, Runner, UsageError, check_writable_dir, experiment_config
-from axmini.cli.sample import sample_text
+from axmini.cli.common import (
+    EXPERIMENT_HELP,
+    RUN_FILE,
+    Runner,
+    UsageError,
+    add_config_args,
+    check_writable_dir,
+    finalized_config,
+)
+from axmini.cli.sample import sample_texts
 
 
 def add_parser(commands: Any) -> None:
-    parser = commands.add_parser("train", help="train a named experiment", description="Train a named experiment.")
-    parser.add_argument("--config", "--experiment", required=True, help="experiment name (see `axmini configs list`)")
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
-    parser.add_argument("--trainer_dir", help="run directory (default: runs/<config>); resumes from its checkpoints")
-    parser.add_argument("--mesh_selector", help="instance type (cpu, gpu-h100-8, tpu-v5p-256...); default: detected")
+    parser = commands.add_parser("train", help="train an experiment", description="Train an experiment.")
+    parser.add_argument("--config", "--experiment", required=True, help=EXPERIMENT_HELP)
+    add_config_args(parser)
     parser.add_argument("--sample_prompt", default="The", help="print a sample for this prompt at the end ('': none)")
     parser.set_defaults(prepare=prepare)
 
@@ -32,24 +39,22 @@ def prepare(args: argparse.Namespace) -> Runner:
     initialize_from_env()  # Before anything touches jax devices.
     import jax
 
-    trainer_dir = args.trainer_dir or str(Path("runs") / args.config)
+    cfg, record, trainer_dir = finalized_config(args.config, args)
     check_writable_dir(trainer_dir)
     previous = Path(trainer_dir) / RUN_FILE
-    if previous.exists() and json.loads(previous.read_text()).get("config") != args.config:
+    if previous.exists() and json.loads(previous.read_text()).get("config") != record["config"]:
         other = json.loads(previous.read_text()).get("config")
         raise UsageError(f"--trainer_dir={trainer_dir} holds a run of experiment {other!r}; use another dir")
-    cfg = experiment_config(args.config, args.set, trainer_dir)
-    if args.mesh_selector:
-        cfg.set(mesh_selector=args.mesh_selector)
     trainer = cfg.instantiate()  # Validates everything; writes nothing in the trainer dir.
+    # The last check, and the first write: data from disk without a vocabulary has one trained (or reused).
+    vocabulary = trainer.input.vocabulary()
 
     def run() -> int:
         if jax.process_index() == 0:
             Path(trainer_dir).mkdir(parents=True, exist_ok=True)
-            record = {"config": args.config, "overrides": list(args.set)}
             (Path(trainer_dir) / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
             print(
-                f"axmini train: experiment {args.config!r} -> {trainer_dir}; {trainer.num_params:,} parameters; "
+                f"axmini train: experiment {record['config']!r} -> {trainer_dir}; {trainer.num_params:,} parameters; "
                 f"instance {trainer.instance.name}, mesh {dict(trainer.mesh.shape)}",
                 flush=True,
             )
@@ -59,12 +64,12 @@ def prepare(args: argparse.Namespace) -> Runner:
         if result.preempted:
             print(f"axmini train: stopped by SIGTERM at step {result.step}; checkpoint saved", file=sys.stderr)
             return 128 + signal.SIGTERM
-        if args.sample_prompt and trainer.input.vocabulary() is not None:  # Every process runs the sharded model.
+        if args.sample_prompt and vocabulary is not None:  # Every process runs the sharded model.
             try:
                 with _sigterm_raises():
-                    text = sample_text(
-                        trainer, result.state, args.sample_prompt, max_new_tokens=64, temperature=0.7, seed=0
-                    )
+                    (text,) = sample_texts(
+                        trainer.model(result.state), vocabulary, [args.sample_prompt], temperature=0.7, seed=0
+                    )[0]
             except _Terminated:
                 print("axmini train: training finished; sample skipped (SIGTERM)", file=sys.stderr)
                 return 0
