@@ -107,10 +107,11 @@ def _checked(ref: ExperimentRef, cfg: Any) -> Any:
     from axmini.trainer.trainer import Trainer
 
     if not Trainer.matches(cfg):
-        got = type(cfg).__qualname__ + (f" building {cfg.klass.__qualname__}" if hasattr(cfg, "klass") else "")
+        klass = getattr(cfg, "klass", None)
+        got = f"a {type(cfg).__qualname__} building {klass.__qualname__}" if klass else f"{type(cfg).__name__} {cfg!r}"
         raise ExperimentError(
-            f"experiment {str(ref)!r}: {ref.name}() returned a {got}, not a trainer config; return a Trainer.Config "
-            "(e.g. Trainer.default_config().set(...), or a built-in one from axmini.experiments.lm)"
+            f"experiment {str(ref)!r}: {ref.name}() returned {got[:80]}, not a trainer config; return a "
+            "Trainer.Config (e.g. Trainer.default_config().set(...), or a built-in one from axmini.experiments.lm)"
         )
     return cfg
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from axmini.config import REQUIRED, ConfigValueError, fill_child, map_configs
+from axmini.config import REQUIRED, ConfigValueError, fill_child, map_configs, stamp_paths
 from axmini.mesh_rules import detect_instance_type, instance_type, select_mesh_rule
 from axmini.trainer.data import TextFiles
 from axmini.trainer.trainer import Trainer
@@ -40,6 +40,7 @@ def finalize(cfg: Trainer.Config, instance: str | None = None) -> Trainer.Config
     for modifier in rule.modifiers:
         cfg = modifier.instantiate()(cfg)
     cfg.set(mesh_selector=selector, mesh_rule=rule)
+    stamp_paths(cfg)  # A refused value below is named by its path (learner.max_step).
     if cfg.dir is not REQUIRED:
         if cfg.checkpointer.dir is REQUIRED:
             cfg.checkpointer.dir = os.path.join(cfg.dir, "checkpoints")
