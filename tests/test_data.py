@@ -124,6 +124,7 @@ def test_bad_data_is_refused_in_one_line_naming_the_path(corpus, tmp_path):
     (tmp_path / "mixed" / "a.txt").write_text("x\n")
     (tmp_path / "mixed" / "b.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "bad.model").write_text("not a sentencepiece model")
+    (tmp_path / "few.txt").write_text("one line\nanother line\na third line\n")
     cases = [
         (files(f"{tmp_path}/nothing/*.txt"), "matches no file"),
         (files(f"{tmp_path}/no_field.jsonl"), "no_field.jsonl (its first record) has no string field 'text'"),
@@ -131,10 +132,11 @@ def test_bad_data_is_refused_in_one_line_naming_the_path(corpus, tmp_path):
         (files(f"{tmp_path}/mixed"), "matches .jsonl and .txt files"),
         (files(f"{tmp_path}/bad.model"), "not one of .txt, .jsonl, .tfrecord"),
         (files(f"{corpus['root']}/txt", validation_fraction=1.0), "validation_fraction=1.0 must be in (0, 1)"),
+        (files(f"{tmp_path}/few.txt"), "validation_fraction=0.01 holds out no example of train="),
         (files(f"{corpus['root']}/txt").config.clone(vocab=str(tmp_path / "bad.model")).instantiate(), "bad.model"),
     ]
     for source, message in cases:
         with pytest.raises(ConfigValueError) as error:
             source.check()
         assert message in str(error.value) and "\n" not in str(error.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.model", "mixed", "no_field.jsonl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.model", "few.txt", "mixed", "no_field.jsonl"]

@@ -19,7 +19,7 @@
 
 `check()` refuses bad input before anything is written, in one line naming the config path and the file: a glob
 that matches nothing, files of an unknown kind or of mixed kinds, a .jsonl or .tfrecord file whose first record
-lacks the field, a vocabulary that is not a SentencePiece model.
+lacks the field, a held-out fraction that holds out nothing, a vocabulary that is not a SentencePiece model.
 """
 
 from __future__ import annotations
@@ -189,6 +189,10 @@ class TextFiles(Configurable):
         vocab_cache: str | None = None  # Where the trained vocabulary is kept (finalize: <trainer dir>/vocab.model).
         vocab_sample_size: int = 100_000  # Training examples the vocabulary is trained on, at most.
 
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._vocabulary: Any = None
+
     # ------------------------------------------------------------------------------------------------
     # Checks, before anything is read in bulk or written.
 
@@ -198,7 +202,8 @@ class TextFiles(Configurable):
         return _glob(cfg.validation if split == "validation" and cfg.validation is not None else cfg.train)
 
     def check(self) -> None:
-        """Refuses what cannot be read (see the module docstring); reads one record a file, nothing in bulk."""
+        """Refuses what cannot be read (see the module docstring): reads a record a file, and with a held-out split
+        at most as far as its first example, nothing in bulk."""
         cfg = self.config
         check_positive(cfg, "vocab_size", "vocab_sample_size")
         if cfg.validation is None and not 0 < cfg.validation_fraction < 1:
@@ -219,6 +224,11 @@ class TextFiles(Configurable):
             )
         elif self._exists(cfg.vocab_cache):
             sentencepiece_size(cfg.vocab_cache, config_path(cfg, "vocab_cache"))
+        if cfg.validation is None and not any(True for _ in self.texts("validation").take(1)):
+            raise ConfigValueError(
+                f"{config_path(cfg, 'validation_fraction')}={cfg.validation_fraction} holds out no example of "
+                f"{config_path(cfg, 'train')}={cfg.train!r}: too little data for it; raise it (--validation_fraction)"
+            )
 
     def _check_files(self, name: str) -> None:
         pattern = getattr(self.config, name)
@@ -319,20 +329,22 @@ class TextFiles(Configurable):
         return sentencepiece_size(self.vocab_path, config_path(cfg, "vocab" if cfg.vocab else "vocab_cache"))
 
     def vocabulary(self, *, train: bool = True) -> Any:
-        """The seqio vocabulary; a missing vocabulary is trained first (by process 0; the others wait) unless
+        """The seqio vocabulary. One still missing is trained first, by process 0 while the others wait, unless
         `train` is False, which refuses it (readers of a run never write)."""
         cfg = self.config
-        if cfg.vocab is None and not self._exists(cfg.vocab_cache):
-            if not train:
+        if self._vocabulary is None:
+            if cfg.vocab is None and train:
+                if jax.process_index() == 0 and not self._exists(cfg.vocab_cache):
+                    self._train_vocabulary()
+                if jax.process_count() > 1:  # On the first call of every process, whoever trained.
+                    multihost_utils.sync_global_devices("axmini_train_vocabulary")
+            if cfg.vocab is None and not self._exists(cfg.vocab_cache):
                 raise ConfigValueError(
                     f"{config_path(cfg, 'vocab_cache')}={cfg.vocab_cache!r} does not exist: the run has not trained "
                     "its vocabulary yet (its training does that first)"
                 )
-            if jax.process_index() == 0:
-                self._train_vocabulary()
-            if jax.process_count() > 1:
-                multihost_utils.sync_global_devices("axmini_train_vocabulary")
-        return seqio_module().SentencePieceVocabulary(self.vocab_path)
+            self._vocabulary = seqio_module().SentencePieceVocabulary(self.vocab_path)
+        return self._vocabulary
 
     def _train_vocabulary(self) -> None:
         cfg = self.config
