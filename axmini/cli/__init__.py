@@ -24,10 +24,15 @@ from collections.abc import Callable, Sequence
 from axmini.cli import configs, sample, train
 from axmini.cli import eval as eval_command
 from axmini.cli.common import USAGE_ERROR, UsageError
-from axmini.config import ConfigError
 
 COMMANDS = (train, sample, eval_command, configs)
-SETUP_ERRORS = (UsageError, ConfigError)  # What means 'bad input' while a command is prepared.
+
+
+def _setup_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean 'bad input' while a command is prepared (an ExperimentError is a ConfigError)."""
+    from axmini.config import ConfigError
+
+    return (UsageError, ConfigError)
 
 
 def _one_line(error: BaseException) -> str:
@@ -75,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         run = args.prepare(args)  # Every check of the invocation; nothing is written yet.
-    except SETUP_ERRORS as e:
+    except _setup_errors() as e:
         print(f"axmini {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return USAGE_ERROR
     return run()

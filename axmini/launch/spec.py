@@ -2,8 +2,10 @@
 
 One spec renders to a GKE JobSet, an `xpk` command or a gcloud script (`axmini.launch.render`). `validate` returns
 every problem as one line naming the field, the value and the fix; the launcher prints them and exits with code 2.
-The experiment's own mesh rules decide whether the hardware fits: the mesh they select for the instance type must
-cover exactly chips per slice x slices devices, so a run never starts on hardware its mesh cannot use.
+The experiment decides whether the hardware fits: the mesh rule of its config (with the command's `--set`
+overrides) finalized for the instance type, as `axmini train` will finalize it, must cover exactly chips per slice x
+slices devices, so a run never starts on hardware its mesh cannot use. An experiment given by file
+(`--config=my/exps.py:fn`) must exist here: it travels with the job to `JOB_EXPERIMENT_DIR` (`render` says how).
 
 Each renderer's tool has limits of its own, checked here so that a rendering is never refused after submission:
 the JobSet webhook's pod-name length, xpk's 40-character names, its `--tpu-type` / `--device-type` vocabulary and
