@@ -27,16 +27,13 @@ class UsageError(Exception):
     """A bad invocation: printed in one line, exit code 2."""
 
 
-def add_config_args(parser: argparse.ArgumentParser, *, data: bool = True) -> None:
+def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The flags that shape a run's config besides the experiment: --set, --trainer_dir, --mesh_selector, data."""
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     parser.add_argument("--trainer_dir", help="run directory (default: runs/<experiment>)")
-    parser.add_argument("--mesh_selector", help="instance type (cpu, gpu-h100-8, tpu-v5p-256...); default: detected")
-    if data:
-        add_data_args(parser)
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mesh_selector", help="instance type (cpu, gpu-h100-8, tpu-v5p-256...) to finalize for (train: detected)"
+    )
     group = parser.add_argument_group("data from disk (instead of the experiment's seqio task)")
     group.add_argument("--data", metavar="GLOB", help="training text: .txt lines, .jsonl records or .tfrecord files")
     group.add_argument("--validation_data", metavar="GLOB", help="validation files (default: a held-out fraction)")

@@ -14,7 +14,7 @@ from axmini.cli.common import (
     EXPERIMENT_HELP,
     Runner,
     UsageError,
-    add_data_args,
+    add_config_args,
     finalized_config,
     new_run_record,
     run_config,
@@ -27,10 +27,7 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("action", choices=("list", "show", "diff"))
     parser.add_argument("names", nargs="*", metavar="EXPERIMENT", help=EXPERIMENT_HELP)
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override (show, diff)")
-    parser.add_argument("--trainer_dir", help="the run dir (default with --mesh_selector: runs/<experiment>)")
-    parser.add_argument("--mesh_selector", help="print the config finalized for this instance type (cpu, ...)")
-    add_data_args(parser)
+    add_config_args(parser)  # show, diff: with --mesh_selector, the config finalized for that instance type.
     parser.set_defaults(prepare=prepare)
 
 

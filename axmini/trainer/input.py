@@ -208,9 +208,6 @@ def input_vocabulary(cfg: Input.Config) -> Any:
     if not SeqioInput.matches(cfg):
         return None
     if isinstance(cfg.task, str):
-        return (
-            get_task_or_mixture(cfg.task, cfg.task_modules, config_path(cfg, "task"))
-            .output_features["targets"]
-            .vocabulary
-        )
+        task = get_task_or_mixture(cfg.task, cfg.task_modules, config_path(cfg, "task"))
+        return task.output_features["targets"].vocabulary
     return cfg.task.instantiate().vocabulary(train=False)
