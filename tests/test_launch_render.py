@@ -493,5 +493,4 @@ def test_a_module_experiment_comes_from_the_image_and_a_missing_file_is_refused(
     assert text.startswith("# The experiment my_project_exps:small is imported in the job: the image must have")
     assert len(list(yaml.safe_load_all(text))) == 1 and train_command(spec)[2] == "--config=my_project_exps:small"
     missing = _spec(instance_type="tpu-v6e-8", command=["axmini", "train", f"--config={tmp_path}/gone.py:small"])
-    errors = validate(missing, "jobset")
-    assert errors[0] == f"spec.command: the experiment file {tmp_path}/gone.py does not exist"
+    assert validate(missing, "jobset") == [f"spec.command: the experiment file {tmp_path}/gone.py does not exist"]

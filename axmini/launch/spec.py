@@ -260,11 +260,12 @@ def _check_mesh(spec: LaunchSpec, instance: InstanceType, rules: Sequence[MeshRu
         errors.append(f"spec.command (experiment {experiment!r}): {' '.join(str(e).split())}")
 
 
-def _check_experiment_file(spec: LaunchSpec, errors: list[str]) -> None:
-    """An experiment file travels inside the manifest: it must be there, and small enough for a ConfigMap."""
+def _check_experiment_file(spec: LaunchSpec, errors: list[str]) -> bool:
+    """An experiment file travels inside the manifest: it must be there, and small enough for a ConfigMap. Returns
+    whether it is (or none travels)."""
     ref = experiment_ref(spec)
     if ref is None or ref.file is None:
-        return
+        return True
     if not os.path.isfile(ref.file):
         errors.append(f"spec.command: the experiment file {ref.file} does not exist")
     elif os.path.getsize(ref.file) > MAX_EXPERIMENT_FILE_BYTES:
@@ -272,6 +273,9 @@ def _check_experiment_file(spec: LaunchSpec, errors: list[str]) -> None:
             f"spec.command: the experiment file {ref.file} has {os.path.getsize(ref.file):,} bytes; one travels with "
             f"the job up to {MAX_EXPERIMENT_FILE_BYTES:,}: install it in the image and give MODULE:FUNCTION"
         )
+    else:
+        return True
+    return False
 
 
 def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] | None = None) -> list[str]:
@@ -321,7 +325,7 @@ def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] 
         if not _ENV_NAME.fullmatch(key):
             errors.append(f"spec.env key {key!r} is not an environment variable name (letters, digits, '_')")
 
-    _check_experiment_file(spec, errors)
+    experiment_file_ok = _check_experiment_file(spec, errors)
     if tuple(spec.command[:2]) != TRAIN_PREFIX:
         errors.append(f"spec.command={spec.command!r} must start with {' '.join(TRAIN_PREFIX)!r}")
     selector = _flag_value(spec.command, MESH_SELECTOR_FLAG)
@@ -349,7 +353,7 @@ def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] 
             )
         elif renderer == "gcloud" and instance.platform != "tpu":
             errors.append(f"renderer='gcloud' creates TPU VMs; for {spec.instance_type!r} use jobset or xpk")
-        elif spec.num_slices >= 1:
+        elif spec.num_slices >= 1 and experiment_file_ok:
             _check_mesh(spec, instance, mesh_rules, errors)
         if renderer == "xpk" and instance.platform in ("tpu", "gpu"):
             _check_xpk(spec, instance, errors)
