@@ -22,6 +22,8 @@ from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPEModifier
 from axmini.layers.rattention import RAttentionModifier
 from axmini.layers.transformer import GlobalLocalModifier, KVSharingModifier
+from axmini.lora import LoRAModifier
+from axmini.qat import QATModifier
 
 Patch = Callable[[ConfigBase], ConfigBase]
 
@@ -130,3 +132,15 @@ def moe_expert_choice(cfg: ConfigBase) -> ConfigBase:
     """Every feed-forward becomes an 8-expert expert-choice MoE."""
     moe = MoE.default_config().set(num_experts=8, gating=ExpertChoiceGating.default_config())
     return MoEModifier.default_config().set(moe=moe).instantiate()(cfg)
+
+
+@feature
+def qat(cfg: ConfigBase) -> ConfigBase:
+    """Quantization-aware training at 2 bits of every linear weight but the embedding and the head."""
+    return QATModifier.default_config().set(bits=2).instantiate()(cfg)
+
+
+@feature
+def lora(cfg: ConfigBase) -> ConfigBase:
+    """Rank-8 LoRA adapters on every linear weight but the embedding and the head; only the adapters train."""
+    return LoRAModifier.default_config().set(rank=8, alpha=16.0).instantiate()(cfg)

@@ -1,9 +1,13 @@
-"""The `axmini` command: train, sample, eval, configs (one module each here), report, launch.
+"""The `axmini` command: train, sample, eval, configs, convert, export (one module each here), report, launch.
 
-    axmini train --config=EXPERIMENT [--data=GLOB ...] [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=T]
+    axmini train --config=EXPERIMENT [--data=GLOB ...] [--feature=NAME ...] [--set path=value ...]
+                 [--trainer_dir=DIR] [--mesh_selector=TYPE] [--init_from=hf:DIR|TRAINER_DIR]
     axmini sample --trainer_dir=DIR [--prompt "..." | --prompt_file=FILE | < prompts]
+                  [--schema=FILE | --regex=R | --tools=FILE] [--adapter=DIR ... | --quantized]
     axmini eval --trainer_dir=DIR [--data=GLOB] [--split=validation|train]
-    axmini configs list | show EXPERIMENT [--mesh_selector=TYPE] [--set ...] | diff A B
+    axmini configs list | show EXPERIMENT [--mesh_selector=TYPE] [--feature ...] [--set ...] | diff A B
+    axmini convert hf DIR --out TRAINER_DIR [--config EXPERIMENT]   (a Hugging Face model as a trainer dir)
+    axmini export hf TRAINER_DIR --out DIR                          (a run's model as a Hugging Face dir)
     axmini report modularity|history  (the modularity reports: axmini.tools.cli)
     axmini launch local|tpu|gpu ...   (multi-process and cluster runs: axmini.launch.launcher)
 
@@ -21,18 +25,19 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from axmini.cli import configs, sample, train
+from axmini.cli import configs, convert, export, sample, train
 from axmini.cli import eval as eval_command
 from axmini.cli.common import USAGE_ERROR, UsageError
 
-COMMANDS = (train, sample, eval_command, configs)
+COMMANDS = (train, sample, eval_command, configs, convert, export)
 
 
 def _setup_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean 'bad input' while a command is prepared (an ExperimentError is a ConfigError)."""
     from axmini.config import ConfigError
+    from axmini.interop.errors import ConversionError
 
-    return (UsageError, ConfigError)
+    return (UsageError, ConfigError, ConversionError)
 
 
 def _one_line(error: BaseException) -> str:

@@ -1,10 +1,10 @@
 """What the `axmini` commands share: the usage error, the flags that make a run's config, and a run's record.
 
 A run's config is made the same way by every command, so what `configs show` prints is what `train` trains:
-the experiment (a built-in name, `FILE.py:FUNCTION` or `MODULE:FUNCTION`), then the data flags (`--data`...), then
-the `--set` overrides, then the trainer dir; `finalize` then fits it to the hardware. `train` records the experiment,
-the data and the overrides in the trainer dir (run.json), paths made absolute, so `sample` and `eval` rebuild the same
-config from any directory.
+the experiment (a built-in name, `FILE.py:FUNCTION` or `MODULE:FUNCTION`), then the data flags (`--data`...), then an
+imported model (`--init_from` a Hugging Face model or a run of one), then the `--feature`s, then the `--set`
+overrides, then the trainer dir; `finalize` then fits it to the hardware. `train` records all of it in the trainer
+dir (run.json), paths made absolute, so `sample`, `eval` and `export` rebuild the same config from any directory.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 USAGE_ERROR = 2  # The exit code of a bad invocation (as argparse's).
-RUN_FILE = "run.json"  # In the trainer dir: the experiment, data and overrides, so `sample` can rebuild the config.
+RUN_FILE = "run.json"  # In the trainer dir: the experiment, data, features and overrides, to rebuild the config.
+ADAPTER_DIR = "adapter"  # In the trainer dir of a LoRA run: its adapter, for `axmini sample --adapter`.
+QUANTIZED_FILE = "quantized.npz"  # In the trainer dir of a QAT run: what `axmini sample --quantized` loads.
 EXPERIMENT_HELP = "a built-in experiment (axmini configs list), FILE.py:FUNCTION or MODULE:FUNCTION"
 
 Runner = Callable[[], int]  # What a command does once its arguments are checked; returns the exit code.
@@ -28,7 +30,15 @@ class UsageError(Exception):
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that shape a run's config besides the experiment: --set, --trainer_dir, --mesh_selector, data."""
+    """The flags that shape a run's config besides the experiment: --feature, --set, --trainer_dir,
+    --mesh_selector, data."""
+    parser.add_argument(
+        "--feature",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="apply a named feature (axmini/features.py: qat, lora, rope...) before the --set overrides",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
     parser.add_argument("--trainer_dir", help="run directory (default: runs/<experiment>)")
     parser.add_argument(
@@ -65,12 +75,23 @@ def data_record(args: argparse.Namespace) -> dict[str, Any] | None:
     return record
 
 
-def with_data(cfg: Any, data: dict[str, Any]) -> Any:
+def with_data(cfg: Any, data: dict[str, Any], model_dir: str | Path | None = None) -> Any:
     """`cfg` reading the files of `data` (TextFiles fields): its input the train split, its evaluation input (if any)
-    the validation split (the split it names)."""
+    the validation split (the split it names). For an imported model (`model_dir`), the text is tokenized with the
+    model's own SentencePiece tokenizer unless `data` names a vocabulary."""
     from axmini.trainer.data import TextFiles
     from axmini.trainer.input import SeqioInput
 
+    if model_dir is not None and "vocab" not in data:
+        from axmini.interop.vocabulary import SENTENCEPIECE_FILE
+
+        tokenizer = Path(model_dir) / SENTENCEPIECE_FILE
+        if not tokenizer.is_file():
+            raise UsageError(
+                f"--data: the imported model in {model_dir} has no {SENTENCEPIECE_FILE} to tokenize the files with; "
+                "give its SentencePiece vocabulary with --vocab"
+            )
+        data = {**data, "vocab": str(tokenizer.absolute())}
     files = TextFiles.default_config().set(**data)
     for target, path in ((cfg.input, "input"), (cfg.evaluator.input, "evaluator.input")):
         if target is None:
@@ -81,14 +102,30 @@ def with_data(cfg: Any, data: dict[str, Any]) -> Any:
     return cfg
 
 
-def run_config(record: dict[str, Any], trainer_dir: str | None, overrides: Sequence[str] = ()) -> Any:
-    """The config of a run record (experiment, data, overrides; `overrides` after its own), not finalized yet."""
+def run_config(
+    record: dict[str, Any], trainer_dir: str | None, overrides: Sequence[str] = (), model_dir: str | Path | None = None
+) -> Any:
+    """The config of a run record, not finalized yet: the experiment; the record's data; with an imported model
+    (`model_dir`, else the record's, in `trainer_dir`: a Hugging Face config.json and tokenizer) that model, its
+    tokenizer reading the corpus or the data; the features (names in axmini.features.FEATURES); the record's
+    overrides, then `overrides`."""
     from axmini import experiment_loader
     from axmini.config import apply_overrides
+    from axmini.features import FEATURES
 
+    if model_dir is None and record.get("model_dir"):
+        model_dir = Path(trainer_dir) / record["model_dir"]
     cfg = experiment_loader.load(record["config"])
     if record.get("data"):
-        cfg = with_data(cfg, record["data"])
+        cfg = with_data(cfg, record["data"], model_dir)
+    if model_dir is not None:
+        from axmini.interop.runs import imported_trainer_config
+
+        cfg = imported_trainer_config(cfg, model_dir)
+    for feature in record.get("features", []):
+        if feature not in FEATURES:
+            raise UsageError(f"--feature {feature}: unknown feature; known: {', '.join(FEATURES)}")
+        cfg = FEATURES[feature].apply(cfg)
     cfg = apply_overrides(cfg, [*record.get("overrides", []), *overrides])
     if trainer_dir is not None:
         cfg.set(dir=trainer_dir)
@@ -96,10 +133,11 @@ def run_config(record: dict[str, Any], trainer_dir: str | None, overrides: Seque
 
 
 def new_run_record(experiment: str, args: argparse.Namespace) -> dict[str, Any]:
-    """What `train` records of its invocation: the experiment (canonical), the data, the overrides."""
+    """What `train` records of its invocation: the experiment (canonical), the data, the features, the overrides."""
     from axmini import experiment_loader
 
-    return {"config": str(experiment_loader.parse(experiment)), "overrides": list(args.set), "data": data_record(args)}
+    canonical = str(experiment_loader.parse(experiment))
+    return {"config": canonical, "overrides": list(args.set), "features": list(args.feature), "data": data_record(args)}
 
 
 def default_trainer_dir(experiment: str) -> str:
@@ -131,7 +169,7 @@ def check_writable_dir(path: str) -> None:
 
 
 def read_run_file(trainer_dir: str) -> dict[str, Any]:
-    """The run record (experiment, data, overrides) a trainer dir was trained with."""
+    """The run record (experiment, data, features, overrides, imported model) a trainer dir was trained with."""
     path = Path(trainer_dir) / RUN_FILE
     if not path.exists():
         raise UsageError(f"--trainer_dir={trainer_dir} holds no run ({RUN_FILE} is missing); train there first")

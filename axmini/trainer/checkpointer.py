@@ -76,18 +76,18 @@ class Checkpointer(Configurable):
         )
         return self._manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any, *, partial: bool = False) -> Restored:
-        """The checkpoint at `step`, placed as `abstract_state`'s leaves say (ShapeDtypeStructs with shardings).
-        With `partial`, `abstract_state` may hold only some of the state's entries (e.g. the model's, to sample):
-        only those are read."""
-        if partial:
-            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
-            state = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=True)
-        else:
-            state = ocp.args.StandardRestore(abstract_state)
-        args = ocp.args.Composite(state=state, metadata=ocp.args.JsonRestore())
+    def restore(self, step: int, abstract_state: Any) -> Restored:
+        """The checkpoint at `step`, placed as `abstract_state`'s leaves say (ShapeDtypeStructs with shardings)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), metadata=ocp.args.JsonRestore())
         restored = self._manager.restore(step, args=args)
         return Restored(step, restored["state"], dict(restored["metadata"]))
+
+    def restore_subtree(self, step: int, abstract: Any) -> Any:
+        """Only the entries of the state saved at `step` that `abstract` names (e.g. {"params", "rest"} to sample or
+        to start a fine-tune, without reading the optimizer state), placed as `abstract`'s leaves say."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+        return ocp.PyTreeCheckpointer().restore(self._dir / str(step) / "state", args=args)
 
     def restore_latest(self, abstract_state: Any) -> Restored | None:
         """The newest readable checkpoint (None when there is none). An unreadable one is moved aside with a

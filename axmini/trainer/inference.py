@@ -1,8 +1,9 @@
-"""A run's model without its trainer, for `axmini sample` and `axmini eval`: no input pipeline, no learner.
+"""A run's model without its trainer, for `axmini sample`, `axmini eval` and `axmini export`: no input pipeline, no
+learner. The one way a model is read back from a checkpoint for use.
 
 The model is built abstractly from a finalized config, placed on this machine's mesh by its logical axes, and filled
-with the model variables of a checkpoint (`params` and `rest`); the optimizer state is never read. The checkpointer
-is the caller's (read-only beside a running trainer).
+with the model variables of a checkpoint (`params` and `rest`); the optimizer state is never read (a checkpoint
+`axmini convert hf` wrote has none). The checkpointer is the caller's (read-only beside a running trainer).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from axmini.mesh_rules import make_mesh
 from axmini.module import build_abstract, logical_to_spec
-from axmini.trainer.checkpointer import Checkpointer
+from axmini.trainer.checkpointer import Checkpointer, CheckpointError
 from axmini.trainer.trainer import BATCH_AXES, Trainer, state_shardings
 
 
@@ -39,5 +40,11 @@ def load_model(cfg: Trainer.Config, checkpointer: Checkpointer, *, devices: list
     shardings = state_shardings(variables, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), variables, shardings)
     step = checkpointer.all_steps()[-1]
-    restored = checkpointer.restore(step, target, partial=True).state
+    try:
+        restored = checkpointer.restore_subtree(step, target)
+    except Exception as e:  # Orbax's errors for a checkpoint of another model: shape or tree mismatch.
+        first = " ".join(str(e).split())[:200] or type(e).__name__
+        raise CheckpointError(
+            f"{checkpointer.config.dir}/{step}: its weights do not fit this run's model ({first})"
+        ) from None
     return RunModel(nnx.merge(graphdef, restored["params"], restored["rest"]), step, mesh, rules)

@@ -163,11 +163,22 @@ class SeqioInput(Input):
         cfg = self.config
         if isinstance(cfg.task, str):
             self.files: TextFiles | None = None
-            self._task = get_task_or_mixture(cfg.task, cfg.task_modules, config_path(cfg, "task"))
+            self._task = self.registered_task(cfg)
         else:
             self.files = cfg.task.instantiate()
             self.files.check()
             self._task = self.files.task()
+
+    @classmethod
+    def register_task(cls, cfg: Config) -> None:
+        """Registers the task `cfg.task` names when this input brings its own (here none does: a user's task is
+        registered by a module of `task_modules`)."""
+
+    @classmethod
+    def registered_task(cls, cfg: Config) -> Any:
+        """The seqio task or mixture `cfg.task` names (registered first if this input brings it)."""
+        cls.register_task(cfg)
+        return get_task_or_mixture(cfg.task, cfg.task_modules, config_path(cfg, "task"))
 
     def vocabulary(self) -> Any:
         """The task's vocabulary; for files on disk without one, trained first (see `TextFiles.vocabulary`)."""
@@ -208,6 +219,5 @@ def input_vocabulary(cfg: Input.Config) -> Any:
     if not SeqioInput.matches(cfg):
         return None
     if isinstance(cfg.task, str):
-        task = get_task_or_mixture(cfg.task, cfg.task_modules, config_path(cfg, "task"))
-        return task.output_features["targets"].vocabulary
+        return cfg.klass.registered_task(cfg).output_features["targets"].vocabulary
     return cfg.task.instantiate().vocabulary(train=False)
