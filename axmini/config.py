@@ -473,8 +473,8 @@ class InstantiableConfig(ConfigBase):
             )
 
 
-def _stamp_paths(cfg: ConfigBase, prefix: str) -> None:
-    """Records each sub-config's dotted path in the tree, so errors raised while building name it."""
+def stamp_paths(cfg: ConfigBase, prefix: str = "") -> None:
+    """Records each sub-config's dotted path in the tree, so errors raised while building (or finalizing) name it."""
     object.__setattr__(cfg, "_tree_path", prefix)
 
     def stamp(path: str, value: Any) -> None:
@@ -561,7 +561,7 @@ class Configurable:
         def instantiate(self, **kwargs: Any) -> Any:
             if self.klass is None:
                 raise RequiredFieldMissingError(f"{type(self).__qualname__}.klass is not set; use Foo.default_config()")
-            _stamp_paths(self, getattr(self, "_tree_path", ""))
+            stamp_paths(self, getattr(self, "_tree_path", ""))
             self._check_required()
             self.klass.check_config(self)
             return self.klass(self, **kwargs)
@@ -590,7 +590,7 @@ class Configurable:
             raise ConfigTypeError(f"{type(self).__name__} needs a {expected}, got {got}")
         path = getattr(cfg, "_tree_path", "")
         self._config = cfg.freeze()
-        _stamp_paths(self._config, path)
+        stamp_paths(self._config, path)
 
     @property
     def config(self) -> Config:
@@ -601,7 +601,7 @@ class Configurable:
 def validate(cfg: ConfigBase) -> None:
     """Checks a whole config tree before anything is built: every Configurable config's `check_config`, root first,
     so a bad value anywhere is refused by its path (one ConfigValueError) while nothing exists yet."""
-    _stamp_paths(cfg, getattr(cfg, "_tree_path", ""))
+    stamp_paths(cfg, getattr(cfg, "_tree_path", ""))
     for _, node in find_configs(cfg, Configurable.matches):
         node.klass.check_config(node)
 

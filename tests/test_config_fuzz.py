@@ -5,7 +5,7 @@ each be refused by `axmini train` in exactly one line on stderr, exit code 2, no
 import enum
 import random
 
-import experiments
+from axmini import experiments
 from axmini.cli import main, train
 from axmini.config import REQUIRED
 

@@ -20,10 +20,11 @@ import pytest
 from test_checkpointer import flip_bytes_inside_the_arrays
 
 from axmini.config import config_for_function
+from axmini.experiments.decoders import DecoderShape, decoder_config
 from axmini.trainer.checkpointer import NoRestorableCheckpointError
+from axmini.trainer.finalize import finalize
 from axmini.trainer.input import SyntheticInput
 from axmini.trainer.trainer import NonFiniteLoss, Trainer
-from experiments.decoders import DecoderShape, decoder_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = DecoderShape(vocab_size=64, dim=32, num_layers=1, num_heads=4, num_kv_heads=2, hidden_dim=64)
@@ -31,7 +32,7 @@ TINY = DecoderShape(vocab_size=64, dim=32, num_layers=1, num_heads=4, num_kv_hea
 
 def trainer(run_dir, max_step, **kw):
     """A trainer on one device (compiles fastest; sharded checkpoints are tested in test_checkpointer)."""
-    return trainer_cfg(run_dir, max_step, **kw).instantiate(devices=jax.devices()[:1])
+    return finalize(trainer_cfg(run_dir, max_step, **kw)).instantiate(devices=jax.devices()[:1])
 
 
 def trainer_cfg(run_dir, max_step, **kw):
@@ -118,7 +119,7 @@ def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state_or_ski
     def cfg(run_dir, max_step, policy):
         cfg = trainer_cfg(run_dir, max_step, non_finite_loss=policy)
         cfg.learner.learning_rate = config_for_function(nan_at_step_3)
-        return cfg.instantiate(devices=jax.devices()[:1])
+        return finalize(cfg).instantiate(devices=jax.devices()[:1])
 
     with caplog.at_level(logging.WARNING):
         stopped = cfg(tmp_path / "stop", 5, NonFiniteLoss.STOP).run()
@@ -152,8 +153,9 @@ import jax
 jax.config.update("jax_disable_most_optimizations", True)
 from axmini.trainer.checkpointer import Checkpointer
 from axmini.trainer.input import SyntheticInput
+from axmini.trainer.finalize import finalize
 from axmini.trainer.trainer import Trainer
-from experiments.decoders import DecoderShape, decoder_config
+from axmini.experiments.decoders import DecoderShape, decoder_config
 
 save = Checkpointer.save
 def announced_save(self, step, state, metadata=None, *, force=False):
@@ -171,7 +173,7 @@ cfg = Trainer.default_config().set(
 )
 cfg.checkpointer.set(save_every_n_steps=1, keep_last_n=2)
 cfg.learner.learning_rate.set(peak_lr=1e-2, warmup_steps=2)
-print("DONE", cfg.instantiate().run().step, flush=True)
+print("DONE", finalize(cfg).instantiate().run().step, flush=True)
 """
 
 
