@@ -42,7 +42,7 @@ def test_finalize_keeps_what_the_user_set_and_refuses_a_conflicting_dim():
     cfg.checkpointer.dir = "gs://bucket/ckpt"
     assert finalize(cfg, "cpu").checkpointer.dir == "gs://bucket/ckpt"
     cfg.learner.max_step = 10
-    with pytest.raises(ConfigValueError, match=r"learner.max_step=10 conflicts with 1000"):
+    with pytest.raises(ConfigValueError, match=r"learner.max_step=10 conflicts with max_step=1000, which sets it"):
         finalize(cfg, "cpu")
 
 
