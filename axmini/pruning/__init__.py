@@ -1,0 +1,8 @@
+"""Making smaller models out of bigger ones (the seed papers MC-Suite, enlarge-and-prune and instruction-following
+pruning):
+
+- `experts`: MoE expert pruning (MC-Suite criteria, iterative rounds, lottery and recovery fine-tuning);
+- `structured`: width and depth pruning of dense decoders (FFN units, heads, channels, layers) to a target shape;
+- `slicing`, `calibration`, `fine_tune`: what those share (slicing by logical axis, running calibration batches,
+  short fine-tunes).
+"""
