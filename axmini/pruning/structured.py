@@ -15,8 +15,9 @@ channel) and whole layers of the stack (`layers`). Importance (`Criterion`) is m
 value group is kept or removed with its query heads (group score: its kv heads' plus its query heads' scores), then
 each kept group keeps its best query heads, so every group keeps H'/K' heads. `prune` reaches a `TargetShape` in
 one shot (`rounds=1`) or gradually: in `rounds` steps of evenly interpolated shapes, scores re-estimated on the
-pruned model before each removal. The result is a complete config (widths written explicitly where they were
-derived from the model width) and the sliced parameters that build into it and train on.
+pruned model before each step (which removes layers, then heads, FFN units and channels). The result is a complete
+config (widths written explicitly where they were derived from the model width) and the sliced parameters that
+build into it and train on.
 
 Removing a unit equals zeroing its weights in the unpruned model: a removed channel is zero everywhere in the
 residual stream, and the RMSNorms over it (whose mean would now divide by D' instead of D) get their scale times
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import flax.nnx as nnx
@@ -90,6 +91,7 @@ class ModelShape(NamedTuple):
         return self.num_heads // self.num_kv_heads
 
 
+_AXES = {unit: (unit.value, "kv_heads") if unit is Unit.HEADS else (unit.value,) for unit in Unit}
 _UNIT_FIELDS = {
     Unit.LAYERS: ("num_layers",),
     Unit.HEADS: ("num_heads", "num_kv_heads"),
@@ -141,13 +143,13 @@ def model_shape(model: nnx.Module) -> ModelShape:
     """The prunable dims of a Decoder (concrete or abstract)."""
     if not isinstance(model, Decoder):
         raise ValueError(f"structured pruning works on Decoder models, not {type(model).__name__}")
-    attentions = _modules(model, Attention).values()
+    attentions = _modules(model.stack, Attention).values()
     return ModelShape(
         dim=model.config.dim,
         num_layers=model.stack.config.num_layers,
         num_heads=_one((a.config.num_heads for a in attentions), "num_heads"),
         num_kv_heads=_one((a.num_kv_heads for a in attentions), "num_kv_heads"),
-        hidden_dim=_one((f.hidden_dim for f in _modules(model, FeedForward).values()), "feed-forward hidden_dim"),
+        hidden_dim=_one((f.hidden_dim for f in _modules(model.stack, FeedForward).values()), "feed-forward hidden_dim"),
         head_dim=_one((a.head_dim for a in attentions), "head_dim"),
     )
 
@@ -193,7 +195,7 @@ def check_target(model: nnx.Module, target: TargetShape) -> ModelShape:
 def interpolate(start: ModelShape, final: ModelShape, fraction: float) -> ModelShape:
     """The shape `fraction` of the way from `start` to `final` (rounded; the group size is interpolated on its own,
     so heads stay a multiple of kv heads)."""
-    lerp = lambda a, b: round(a + (b - a) * fraction)
+    lerp = lambda a, b: math.floor(a + (b - a) * fraction + 0.5)
     kv_heads = lerp(start.num_kv_heads, final.num_kv_heads)
     return final._replace(
         dim=lerp(start.dim, final.dim),
@@ -283,24 +285,28 @@ def _lead(axes: tuple[str | None, ...], unit: Unit) -> int:
 def importance(
     model: nnx.Module,
     batches: Iterable[Batch],
-    unit: Unit,
+    units: Unit | Sequence[Unit],
     criterion: Criterion = Criterion.TAYLOR,
     *,
     loss_fn: LossFn = decoder_loss,
 ) -> dict[Key, np.ndarray]:
-    """{(module path, axis): scores [..., n]}: one score per unit of each group (per stacked layer for heads and
-    hidden units; the kv-head scores of the activation criterion are 0: a group scores by its query heads)."""
-    groups = _unit_params(model, unit)
+    """{(module path, axis): scores [..., n]}: one score per unit of each group of one or several kinds, from one
+    pass over `batches` (per stacked layer for heads and hidden units; the kv-head scores of the activation
+    criterion are 0: a group then scores by its query heads)."""
+    units = [units] if isinstance(units, Unit) else list(units)
+    groups = {unit: _unit_params(model, unit) for unit in units}
     if criterion is Criterion.ACTIVATION:
-        return _activation_scores(model, batches, unit, groups, loss_fn)
-    scores: dict[Key, np.ndarray] = {key: 0.0 for key in groups}
+        summaries = mean_summaries(model, batches, loss_fn=loss_fn)
+        return {k: v for unit in units for k, v in _activation_scores(model, summaries, unit, groups[unit]).items()}
+    scores: dict[Key, np.ndarray] = {key: 0.0 for unit in units for key in groups[unit]}
 
     def add(values: dict[str, nnx.Variable], elementwise: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
-        for key, members in groups.items():
-            for path, param in members.items():
-                axes = axes_of(param)
-                value = elementwise(np.asarray(values[path].get_value()), np.asarray(param.get_value()))
-                scores[key] = scores[key] + per_unit_sum(value, axes.index(key[1]), _lead(axes, unit))
+        for unit in units:
+            for key, members in groups[unit].items():
+                for path, param in members.items():
+                    axes = axes_of(param)
+                    value = elementwise(np.asarray(values[path].get_value()), np.asarray(param.get_value()))
+                    scores[key] = scores[key] + per_unit_sum(value, axes.index(key[1]), _lead(axes, unit))
 
     if criterion is Criterion.WEIGHT:
         add(flat(nnx.state(model, nnx.Param)), lambda w, _: np.square(w, dtype=np.float64))
@@ -315,9 +321,8 @@ def _join(path: str, name: str) -> str:
 
 
 def _activation_scores(
-    model: nnx.Module, batches: Iterable[Batch], unit: Unit, groups: dict[Key, dict], loss_fn: LossFn
+    model: nnx.Module, summaries: dict[str, np.ndarray], unit: Unit, groups: dict[Key, dict]
 ) -> dict[Key, np.ndarray]:
-    summaries = mean_summaries(model, batches, loss_fn=loss_fn)
     if unit is Unit.CHANNELS:
         layers = [v.reshape(-1, v.shape[-1]).mean(0) for k, v in summaries.items() if k.endswith("/channel_activation")]
         return {("", "embed"): np.mean(layers, axis=0)}
@@ -373,10 +378,12 @@ def _norm_scales(model: nnx.Module, factor: float) -> dict[str, float]:
 def remove(
     cfg: ConfigBase, model: nnx.Module, unit: Unit, target: ModelShape, scores: dict[Key, np.ndarray]
 ) -> PruneResult:
-    """Keeps the top-scoring units of one kind, to `target`'s dims for `unit`; `model` is built from `cfg`."""
+    """Keeps the top-scoring units of one kind, to `target`'s dims for `unit`; `model` is built from `cfg` and
+    `scores` are `importance`'s (those of other kinds are ignored)."""
     current = model_shape(model)
     target = current._replace(**{f: getattr(target, f) for f in _UNIT_FIELDS[unit]})
     groups = _unit_params(model, unit)
+    scores = {key: score for key, score in scores.items() if key[1] in _AXES[unit]}
     if set(scores) != set(groups):
         raise ValueError(f"remove: scores for {sorted(scores)}; the model's {unit.name} groups are {sorted(groups)}")
     for key, score in scores.items():
@@ -404,17 +411,20 @@ def prune(
     loss_fn: LossFn = decoder_loss,
 ) -> PruneResult:
     """Prunes `model` (built from `cfg`) to `target` in `rounds` steps, re-estimating importance on the pruned
-    model before each removal (`batches` is re-iterated: pass a list). Pruning to the model's own shape returns
-    `cfg` and the model's variables unchanged."""
+    model before each (one pass over `batches` scores every kind of unit the round removes). Pruning to the
+    model's own shape returns `cfg` and the model's variables unchanged."""
     final = check_target(model, target)
     batches = list(batches)
     state = nnx.state(model, nnx.Not(nnx.Intermediate))
     removals: list[Removal] = []
     for shape in schedule(model_shape(model), final, rounds):
-        for unit in Unit:
-            if changes(model_shape(model), shape, unit):
-                scores = importance(model, batches, unit, criterion, loss_fn=loss_fn)
-                result = remove(cfg, model, unit, shape, scores)
-                cfg, state, model = result.config, result.state, result.build()
-                removals += result.removals
+        units = [unit for unit in Unit if changes(model_shape(model), shape, unit)]
+        scores = importance(model, batches, units, criterion, loss_fn=loss_fn) if units else {}
+        for unit in units:
+            result = remove(cfg, model, unit, shape, scores)
+            cfg, state, model = result.config, result.state, result.build()
+            removals += result.removals
+            if unit is Unit.LAYERS:  # The other kinds' per-layer scores follow the kept layers.
+                layers = result.removals[0].kept[("stack/layers", "layers")]
+                scores = {k: v[layers] if is_under(k[0], "stack/layers") else v for k, v in scores.items()}
     return PruneResult(cfg, state, removals)
