@@ -16,6 +16,7 @@ from axmini.layers.moe import ExpertChoiceGating, MoE, MoEModifier, TopKGating
 from axmini.layers.position import RoPEModifier
 from axmini.layers.rattention import RAttentionModifier
 from axmini.layers.transformer import GlobalLocalModifier, KVSharingModifier
+from axmini.pruning.instruction import InstructionPruningModifier
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +88,13 @@ _FEATURES = [
         "from axmini.layers.moe import MoE, ExpertChoiceGating, MoEModifier\n"
         "moe = MoE.default_config().set(num_experts=8, gating=ExpertChoiceGating.default_config())\n"
         "cfg = MoEModifier.default_config().set(moe=moe).instantiate()(cfg)",
+    ),
+    Feature(
+        "instruction_pruning",
+        "every feed-forward runs the half of its hidden units that a mask predictor picks from the prompt",
+        lambda: InstructionPruningModifier.default_config().set(active_fraction=0.5),
+        "from axmini.pruning.instruction import InstructionPruningModifier\n"
+        "cfg = InstructionPruningModifier.default_config().set(active_fraction=0.5).instantiate()(cfg)",
     ),
 ]
 

@@ -69,7 +69,8 @@ class MaskPredictor(Layer):
 
 class LayerCache(NamedTuple):
     attention: Any  # The attention's cache.
-    units: nnx.State | None  # Per row, the feed-forward's weights gathered to its active units; None before prefill.
+    units: Array | None  # [B, k] each row's active hidden units (ascending); None before prefill.
+    weights: nnx.State | None  # The feed-forward's weights gathered to each row's active units ([B, ...] each).
 
 
 class InstructionPrunedLayer(TransformerLayer):
@@ -106,7 +107,7 @@ class InstructionPrunedLayer(TransformerLayer):
         cache: LayerCache | None = None,
         shared_kv: KV | None = None,
     ) -> LayerOutput:
-        attention_cache, units = (None, None) if cache is None else cache
+        attention_cache, units, weights = (None, None, None) if cache is None else cache
         attn = self.self_attention(
             self.attention_norm(x),
             positions=positions,
@@ -121,14 +122,15 @@ class InstructionPrunedLayer(TransformerLayer):
             new_cache = None
         else:
             if units is None:  # Prefill: one sequence per row, its prompt among these tokens.
-                units = self._gather(self._top_units(self._prompt_means(h, positions, segment_ids, 2)[:, 1]))
-            y = y + self._active_feed_forward(h, units)
-            new_cache = LayerCache(attn.cache, units)
+                units = self._top_units(self._prompt_means(h, positions, segment_ids, 2)[:, 1])
+                weights = self._gather(units)
+            y = y + self._active_feed_forward(h, weights)
+            new_cache = LayerCache(attn.cache, units, weights)
         self._sow_activations(x, y)
         return LayerOutput(y, new_cache, attn.kv)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> LayerCache:
-        return LayerCache(self.self_attention.init_cache(batch_size, max_length, dtype), None)
+        return LayerCache(self.self_attention.init_cache(batch_size, max_length, dtype), None, None)
 
     # ------------------------------------------------------------------------------------------------
     # Masks.
@@ -158,7 +160,7 @@ class InstructionPrunedLayer(TransformerLayer):
         top = jax.lax.top_k(scores, self.active_units)[1]
         hard = jnp.put_along_axis(jnp.zeros_like(scores), top, 1.0, axis=-1, inplace=False)
         soft = jax.nn.sigmoid(scores)
-        masks = hard + soft - jax.lax.stop_gradient(soft)
+        masks = hard + (soft - jax.lax.stop_gradient(soft))  # Exactly `hard`, with the gradient of `soft`.
         segments = jnp.ones(positions.shape, jnp.int32) if segment_ids is None else segment_ids
         return jnp.take_along_axis(masks, segments[..., None], axis=1)
 
@@ -169,17 +171,18 @@ class InstructionPrunedLayer(TransformerLayer):
         """The feed-forward's weights gathered to `units` [B, k] along their `mlp` axis: [B, ...] per weight."""
 
         def gather(variable: nnx.Variable) -> nnx.Variable:
-            axis = variable.get_metadata()["axes"].index("mlp")
-            return variable.replace(jnp.moveaxis(jnp.take(variable.get_value(), units, axis=axis), axis, 0))
+            value, axes = variable.get_value(), variable.get_metadata()["axes"]
+            axis = axes.index("mlp") - (len(axes) - value.ndim)  # In a scanned stack, axes still name `layers`.
+            return variable.replace(jnp.moveaxis(jnp.take(value, units, axis=axis), axis, 0))
 
         state = nnx.state(self.feed_forward, nnx.Param)
         return jax.tree.map(gather, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
-    def _active_feed_forward(self, h: Array, units: nnx.State) -> Array:
-        """Each row of `h` [B, T, D] through the FeedForward of its k active units."""
+    def _active_feed_forward(self, h: Array, weights: nnx.State) -> Array:
+        """Each row of `h` [B, T, D] through the FeedForward of its k active units (`weights`, gathered per row)."""
         active = self.feed_forward.config.clone(hidden_dim=self.active_units)
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: active.instantiate(rngs=nnx.Rngs(0))))
-        return jax.vmap(lambda state, row: nnx.merge(graphdef, state)(row))(units, h)
+        return jax.vmap(lambda state, row: nnx.merge(graphdef, state)(row))(weights, h)
 
 
 class InstructionPruningModifier(ConfigModifier):

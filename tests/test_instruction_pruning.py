@@ -1,0 +1,120 @@
+"""Instruction-following pruning: masks keep the budget and differ across instructions (per packed sequence),
+decoding with gathered weights equals the masked forward, decoding FLOPs per token drop with the active fraction
+(from the compiled program's cost analysis), the predictor trains jointly with the model, refusals."""
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from axmini.config import ConfigValueError
+from axmini.layers.moe import MoE, MoEModifier
+from axmini.layers.transformer import KVSharingModifier, to_pattern_stack
+from axmini.pruning.instruction import InstructionPrunedLayer, InstructionPruningModifier
+from experiments.decoders import DecoderShape, decoder_config
+
+V, D, L, F = 64, 32, 2, 64
+PROMPT = 4
+
+
+def dense(pattern=False):
+    cfg = decoder_config(DecoderShape(V, D, L, 4, 2, F))
+    return cfg.set(stack=to_pattern_stack(cfg.stack)) if pattern else cfg
+
+
+def pruned(fraction=0.25, pattern=False):
+    modifier = InstructionPruningModifier.default_config().set(active_fraction=fraction, prompt_length=PROMPT)
+    return modifier.instantiate()(dense(pattern))
+
+
+def layer(fraction=0.25):
+    cfg = InstructionPrunedLayer.default_config().set(input_dim=D, active_fraction=fraction, prompt_length=PROMPT)
+    cfg.self_attention.set(num_heads=4)
+    cfg.feed_forward.set(hidden_dim=F)
+    return cfg.instantiate(rngs=nnx.Rngs(0))
+
+
+def test_masks_keep_the_budget_and_differ_across_instructions_one_per_packed_sequence():
+    ffn_layer = layer()
+    h = jax.random.normal(jax.random.key(0), (2, 10, D))
+    positions = jnp.asarray([list(range(10)), [0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])  # Row 1 packs two sequences.
+    segments = jnp.asarray([[1] * 10, [1] * 6 + [2] * 4])
+    masks = np.asarray(ffn_layer.token_masks(h, positions, segments))
+    assert masks.shape == (2, 10, F) and set(np.unique(masks)) == {0.0, 1.0}
+    assert np.all(masks.sum(-1) == F // 4)  # The budget: k = active_fraction * F units per token.
+    sequences = [masks[0, :], masks[1, :6], masks[1, 6:]]
+    assert all(np.all(s == s[0]) for s in sequences)  # One mask per sequence.
+    assert len({tuple(s[0]) for s in sequences}) == 3  # Three instructions, three masks.
+    # A sequence's mask reads its own first PROMPT tokens only: changing the rest, or the other sequence, keeps it.
+    changed = h.at[1, 4:6].set(0.0).at[1, 6:].multiply(-1.0).at[0, PROMPT:].set(1.0)
+    np.testing.assert_array_equal(np.asarray(ffn_layer.token_masks(changed, positions, segments))[:, :6], masks[:, :6])
+
+
+@pytest.mark.parametrize("pattern", [False, True])
+def test_gathered_decoding_equals_the_masked_full_forward(pattern):
+    model = pruned(pattern=pattern).instantiate(rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (2, 10), 1, V)
+    full = nnx.jit(lambda m, x: m.forward(x).logits)(model, ids)
+    step = nnx.jit(lambda m, x, p, c: m.forward(x, positions=p, cache=c))
+    prompt = 6  # Longer than the instruction (PROMPT tokens): every token's mask comes from the same 4 tokens.
+    out = step(model, ids[:, :prompt], jnp.broadcast_to(jnp.arange(prompt), (2, prompt)), model.init_cache(2, 10))
+    decoded = [out.logits]
+    for t in range(prompt, 10):
+        out = step(model, ids[:, t : t + 1], jnp.full((2, 1), t), out.cache)
+        decoded.append(out.logits)
+    np.testing.assert_allclose(np.concatenate(decoded, axis=1), full, rtol=1e-5, atol=1e-5)
+    units = out.cache[0].units if pattern else out.cache.units[0]  # Layer 0's active units per row.
+    assert units.shape == (2, F // 4) and not np.array_equal(units[0], units[1])
+
+
+def test_decoding_flops_per_token_drop_with_the_active_fraction():
+    ids = jax.random.randint(jax.random.key(2), (2, 7), 1, V)
+
+    def extend_flops(cfg):
+        """FLOPs of one decoding step (one token per row) after a prefill, from XLA's cost analysis."""
+        model = cfg.instantiate(rngs=nnx.Rngs(0))
+        positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+        prefill = nnx.jit(lambda m, x, p, c: m.forward(x, positions=p, cache=c).cache)
+        cache = prefill(model, ids[:, :6], positions, model.init_cache(2, 8))
+        graphdef, state = nnx.split(model)
+        step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s).forward(x, positions=p, cache=c).logits)
+        return step.lower(state, ids[:, 6:], jnp.full((2, 1), 6), cache).compile().cost_analysis()["flops"]
+
+    # Pattern stacks: unrolled layers (a scanned stack's loop body is counted once).
+    base = extend_flops(dense(pattern=True))
+    ffn = 2 * L * 3 * 2 * D * F  # Rows x layers x matrices x FLOPs per multiply-add x D x F: the dense FFN's.
+    for fraction in (0.25, 0.5):
+        saved = base - extend_flops(pruned(fraction, pattern=True))
+        # The FFN's matmuls shrink to `fraction` (its elementwise ops too, a few % more).
+        assert saved / ffn == pytest.approx(1 - fraction, rel=0.06)
+
+
+def test_the_predictor_trains_jointly_with_the_model():
+    model = pruned().instantiate(rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(3), (4, 13), 1, V)
+    batch = {"input_ids": ids[:, :-1], "target_ids": ids[:, 1:]}
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: m(batch)[0])(model)
+        optimizer.update(model, grads)
+        return loss, grads.stack.layers.predictor.w_out.get_value()
+
+    loss, predictor_grad = step(model, optimizer)
+    assert float(jnp.abs(predictor_grad).sum()) > 0  # The straight-through gradient reaches the predictor.
+    losses = [float(step(model, optimizer)[0]) for _ in range(10)]
+    assert losses[-1] < float(loss) - 0.5
+
+
+def test_kv_sharing_moe_and_a_bad_budget_are_refused():
+    sharing = KVSharingModifier.default_config().set(split=(1, 1)).instantiate()(dense())
+    with pytest.raises(ConfigValueError, match=r"stack\.kv_sharing=\(1, 1\).*set it to None"):
+        InstructionPruningModifier.default_config().instantiate()(sharing)
+    moe = MoEModifier.default_config().set(moe=MoE.default_config().set(num_experts=4)).instantiate()(dense())
+    with pytest.raises(ConfigValueError, match=r"feed_forward: instruction-following pruning masks the hidden units"):
+        InstructionPruningModifier.default_config().instantiate()(moe).instantiate(rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigValueError, match=r"active_fraction=1.5 must be in \(0, 1\]"):
+        layer(fraction=1.5)
