@@ -13,7 +13,7 @@ import pytest
 from axmini.config import ConfigValueError, replace_config
 from axmini.layers.decoder import Decoder
 from axmini.module import capture_aux
-from axmini.pruning.distillation import DistilledDecoder, TeacherWeight, distilled
+from axmini.pruning.distillation import Distillation, TeacherWeight, distilled
 from axmini.pruning.enlarge_and_prune import EnlargeAndPruneTrainer
 from axmini.pruning.structured import ModelShape, TargetShape, model_shape
 from axmini.trainer.evaluator import Evaluator
@@ -47,8 +47,8 @@ def metrics(tmp_path):
 
 def test_run_reaches_the_target_under_one_schedule_with_distillation_and_resumes_identically(tmp_path):
     target = TargetShape(dim=24, num_layers=1, num_heads=2, num_kv_heads=1, hidden_dim=32)
-    template = DistilledDecoder.default_config().set(distillation_weight=0.5, temperature=2.0)
-    cfg = pipeline(tmp_path, target=target, prune_steps=[3, 5], max_step=7, distillation=template)
+    distillation = Distillation(weight=0.5, temperature=2.0)
+    cfg = pipeline(tmp_path, target=target, prune_steps=[3, 5], max_step=7, distillation=distillation)
     one_device = jax.devices()[:1]  # Sharded training is the trainer's tests' business; this one is about stages.
     trainer = cfg.instantiate(devices=one_device)
     result = trainer.run()
@@ -106,8 +106,7 @@ def test_pruning_slices_the_optimizer_statistics_like_the_parameters(tmp_path):
 
 def test_distillation_loss_is_the_softened_kl_and_the_teacher_is_not_trained():
     student, teacher = decoder_config(ENLARGED._replace(dim=16)), decoder_config(ENLARGED)
-    template = DistilledDecoder.default_config().set(distillation_weight=0.5, temperature=2.0)
-    model = distilled(template, student=student, teacher=teacher).instantiate(rngs=nnx.Rngs(0))
+    model = distilled(student, teacher, Distillation(weight=0.5, temperature=2.0)).instantiate(rngs=nnx.Rngs(0))
     assert not any("teacher" in str(path) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     ids = jax.random.randint(jax.random.key(0), (2, 9), 1, 64)
     batch = {"input_ids": ids[:, :-1], "target_ids": ids[:, 1:]}
@@ -133,6 +132,7 @@ def test_distillation_loss_is_the_softened_kl_and_the_teacher_is_not_trained():
         (dict(prune_steps=[6]), r"prune_steps=\[6\] must be increasing"),
         (dict(target=TargetShape(hidden_dim=100)), r"target\.hidden_dim=100 must be in \[1, 64\]"),
         (dict(target=TargetShape(num_heads=3)), r"target\.num_heads=3 must be a multiple of target\.num_kv_heads=2"),
+        (dict(distillation=Distillation(temperature=0.0)), r"distillation\.temperature=0\.0 must be positive"),
     ],
 )
 def test_bad_pruning_settings_are_refused_before_anything_is_written(tmp_path, change, message):
@@ -143,9 +143,7 @@ def test_bad_pruning_settings_are_refused_before_anything_is_written(tmp_path, c
 
 
 def test_a_teacher_with_another_vocabulary_is_refused():
-    template = DistilledDecoder.default_config()
-    cfg = distilled(
-        template, student=decoder_config(ENLARGED), teacher=decoder_config(ENLARGED._replace(vocab_size=65))
-    )
+    teacher = decoder_config(ENLARGED._replace(vocab_size=65))
+    cfg = distilled(decoder_config(ENLARGED), teacher, Distillation())
     with pytest.raises(ConfigValueError, match=r"teacher\.vocab_size=65 differs from the student's vocab_size=64"):
         cfg.instantiate(rngs=nnx.Rngs(0))

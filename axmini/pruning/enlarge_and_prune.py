@@ -4,8 +4,8 @@ steps, and let it recover, all under the one learning-rate schedule of the run.
 `EnlargeAndPruneTrainer.Config` is a Trainer's config whose `model` is the enlarged model, plus the `target` shape,
 the `prune_steps` (round i, at `prune_steps[i]`, reaches the i-th of the shapes evenly interpolated from the
 model's to the target's: `structured.schedule`), the importance `criterion` and how many `calibration_batches` it
-reads, and an optional `distillation` template: after the first round the model learns from the enlarged model's
-logits as well (`DistilledDecoder`, through the aux-loss path).
+reads, and optional `distillation`: after the first round the model learns from the enlarged model's logits as well
+(a `DistilledDecoder`, through the aux-loss path).
 
 The run is a sequence of stages, one per model shape, each an ordinary Trainer built from this config with the
 stage's model and running from its first to its last step. Its schedule's `total_steps` is this run's `max_step`,
@@ -36,13 +36,14 @@ from axmini.config import (
     ConfigValueError,
     FunctionConfigBase,
     Required,
+    check_non_negative,
     check_positive,
     config_path,
     replace_config,
 )
 from axmini.layers.decoder import Decoder
 from axmini.module import build_abstract
-from axmini.pruning.distillation import DistilledDecoder, distilled
+from axmini.pruning.distillation import Distillation, distilled
 from axmini.pruning.slicing import shapes, slice_tree
 from axmini.pruning.structured import (
     Criterion,
@@ -73,8 +74,8 @@ class EnlargeAndPruneTrainer(Trainer):
         prune_steps: Required[list[int]] = REQUIRED  # Increasing steps in (0, max_step); the last reaches target.
         criterion: Criterion = Criterion.TAYLOR
         calibration_batches: int = 4
-        # Distillation settings (a template: the trainer fills the student and the teacher); None: off.
-        distillation: DistilledDecoder.Config | None = None
+        # After the first round, the model learns from the enlarged model's logits as well. None: off.
+        distillation: Distillation | None = None
 
     def __init__(self, cfg: Config, *, devices: list[jax.Device] | None = None):
         super().__init__(cfg, devices=devices)  # The enlarged model's trainer: every check of a plain run.
@@ -83,6 +84,9 @@ class EnlargeAndPruneTrainer(Trainer):
 
     def _check_pruning(self, cfg: Config) -> ModelShape:
         check_positive(cfg, "calibration_batches")
+        if cfg.distillation is not None:
+            check_positive(cfg.distillation, "temperature")
+            check_non_negative(cfg.distillation, "weight")
         steps = list(cfg.prune_steps)
         if not steps or steps != sorted(set(steps)) or steps[0] <= 0 or steps[-1] >= cfg.max_step:
             raise ConfigValueError(
@@ -103,7 +107,7 @@ class EnlargeAndPruneTrainer(Trainer):
         for i, (shape, student) in enumerate(zip(shapes_, students)):
             model = student
             if i and cfg.distillation is not None:
-                model = distilled(cfg.distillation, student=student, teacher=cfg.model)
+                model = distilled(student, cfg.model, cfg.distillation)
             last = i == len(shapes_) - 1
             stage_cfg = self._stage_config(cfg, i, model, bounds[i + 1], last)
             stages.append(Stage(bounds[i], bounds[i + 1], shape, student, stage_cfg.instantiate(devices=devices)))
