@@ -7,18 +7,21 @@ target shape inside one cosine schedule, against the target shape trained from s
   enlarged model. A few minutes on 2 CPU cores.
 - `enlarge_and_prune_tiny_scratch`: `tiny_decoder` trained from scratch with the same data, batches and schedule:
   the baseline of `benchmarks/enlarge_and_prune_benchmark.py`.
+- `tiny_instruction_pruning`: `tiny` with the `instruction_pruning` feature: each layer runs half of its FFN units,
+  picked per sequence from its first 16 tokens, the predictor trained with the model.
 """
 
 from __future__ import annotations
 
 from axmini.config import replace_config
+from axmini.features import FEATURES
 from axmini.pruning.distillation import Distillation
 from axmini.pruning.enlarge_and_prune import EnlargeAndPruneTrainer
 from axmini.pruning.structured import TargetShape
 from axmini.trainer.trainer import Trainer
 from experiments import register
 from experiments.decoders import DecoderShape, decoder_config, tiny_decoder
-from experiments.lm import Schedule, lm_trainer
+from experiments.lm import Schedule, lm_trainer, tiny
 
 TINY_PRUNING_SCHEDULE = Schedule(
     global_batch_size=16, sequence_length=64, max_step=600, peak_lr=3e-3, warmup_steps=30, eval_every_n_steps=50,
@@ -43,3 +46,11 @@ def enlarge_and_prune_tiny() -> EnlargeAndPruneTrainer.Config:
 def enlarge_and_prune_tiny_scratch() -> Trainer.Config:
     """`tiny_decoder` trained from scratch on the same tokens and schedule as `enlarge_and_prune_tiny`."""
     return lm_trainer(tiny_decoder(), TINY_PRUNING_SCHEDULE)
+
+
+@register("tiny_instruction_pruning")
+def tiny_instruction_pruning() -> Trainer.Config:
+    """`tiny` whose feed-forwards each run the half of their units a predictor picks from a sequence's prompt."""
+    cfg = tiny()
+    cfg.model = FEATURES["instruction_pruning"].apply(cfg.model)
+    return cfg

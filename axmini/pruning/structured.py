@@ -268,10 +268,11 @@ def _unit_params(model: nnx.Module, unit: Unit) -> dict[Key, dict[str, nnx.Varia
         keys = [("", "embed")]
     else:
         keys = [("stack/layers", "layers")]
-    return {
+    groups = {
         (module, axis): {p: v for p, v in params.items() if is_under(p, module) and axis in axes_of(v)}
         for module, axis in keys
     }
+    return {key: members for key, members in groups.items() if members}  # (A frozen teacher's modules have none.)
 
 
 def _lead(axes: tuple[str | None, ...], unit: Unit) -> int:
