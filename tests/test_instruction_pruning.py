@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from axmini.config import ConfigValueError
+from axmini.decoding import generate
 from axmini.layers.moe import MoE, MoEModifier
 from axmini.layers.transformer import KVSharingModifier, to_pattern_stack
 from axmini.pruning.instruction import InstructionPrunedLayer, InstructionPruningModifier
@@ -67,6 +68,19 @@ def test_gathered_decoding_equals_the_masked_full_forward(pattern):
     np.testing.assert_allclose(np.concatenate(decoded, axis=1), full, rtol=1e-5, atol=1e-5)
     units = out.cache[0].units if pattern else out.cache.units[0]  # Layer 0's active units per row.
     assert units.shape == (2, F // 4) and not np.array_equal(units[0], units[1])
+
+
+def test_generation_from_right_padded_prompts_matches_unpadded_generation_and_the_masked_forward():
+    model = pruned().instantiate(rngs=nnx.Rngs(0))
+    prompts = jax.random.randint(jax.random.key(4), (2, 6), 1, V)
+    out = generate(model, prompts, prompt_lengths=jnp.asarray([6, 3]), max_new_tokens=3)
+    # Row 0's prompt holds its whole instruction (PROMPT = 4 tokens): greedy decoding follows the masked forward.
+    sequence = jnp.concatenate([prompts[0], out.tokens[0]])[None]
+    greedy = jnp.argmax(nnx.jit(lambda m, x: m.forward(x).logits)(model, sequence)[0, 5:-1], axis=-1)
+    np.testing.assert_array_equal(greedy, out.tokens[0])
+    # Row 1's 3-token prompt is its whole instruction; the padding after it changes nothing.
+    alone = generate(model, prompts[1:, :3], max_new_tokens=3)
+    np.testing.assert_array_equal(alone.tokens[0], out.tokens[1])
 
 
 def test_decoding_flops_per_token_drop_with_the_active_fraction():

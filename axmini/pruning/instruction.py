@@ -121,8 +121,11 @@ class InstructionPrunedLayer(TransformerLayer):
             y = y + self.feed_forward(h, unit_mask=self.token_masks(h, positions, segment_ids))
             new_cache = None
         else:
-            if units is None:  # Prefill: one sequence per row, its prompt among these tokens.
-                units = self._top_units(self._prompt_means(h, positions, segment_ids, 2)[:, 1])
+            if (
+                units is None
+            ):  # Prefill: one sequence per row (segment ids only mark padding), its prompt in these tokens.
+                valid = None if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
+                units = self._top_units(self._prompt_means(h, positions, valid, 2)[:, 1])
                 weights = self._gather(units)
             y = y + self._active_feed_forward(h, weights)
             new_cache = LayerCache(attn.cache, units, weights)
