@@ -24,6 +24,7 @@ from axmini.config import (
     config_path,
     fill_child,
     find_configs,
+    optional,
 )
 from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
@@ -63,11 +64,13 @@ class Decoder(Layer):
         pad_id: int = 0
         # Activation dtype (parameters keep param_dtype), e.g. jnp.bfloat16 for mixed precision.
         dtype: Any = jnp.float32
+        # Logits become cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping). None: off.
+        logit_softcap: float | None = optional(None)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        check_positive(cfg, "vocab_size", "dim")
+        check_positive(cfg, "vocab_size", "dim", "logit_softcap")
         check_non_negative(cfg, "z_loss_weight")
         if not 0 <= cfg.pad_id < cfg.vocab_size:
             raise ConfigValueError(
@@ -99,15 +102,19 @@ class Decoder(Layer):
         cache: Any | None = None,
     ) -> DecoderOutput:
         """Logits [B,T,V] for `input_ids` [B,T]. Positions default to 0..T-1 (required with a cache)."""
+        cfg = self.config
         if positions is None:
             if cache is not None:
                 raise ValueError("Decoder.forward: with a cache, pass the positions of the new tokens")
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        x = shard_activation(self.embedding(input_ids, dtype=self.config.dtype), ("batch", "length", "embed"))
+        x = shard_activation(self.embedding(input_ids, dtype=cfg.dtype), ("batch", "length", "embed"))
         out = self.stack(x, positions=positions, segment_ids=segment_ids, cache=cache)
         x = self.output_norm(out.x)
         logits = self.embedding.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = shard_activation(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = logits.astype(jnp.float32)
+        if cfg.logit_softcap is not None:
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
+        logits = shard_activation(logits, ("batch", "length", "vocab"))
         return DecoderOutput(logits, out.cache)
 
     def __call__(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:

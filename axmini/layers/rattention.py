@@ -46,6 +46,7 @@ from axmini.config import (
     fill_child,
     find_configs,
     map_configs,
+    optional,
 )
 from axmini.layers.attention import (
     KV,
@@ -109,6 +110,7 @@ def window_attention(
     block_size: int,
     kernel: AttentionKernel = AttentionKernel.REFERENCE,
     logit_softcap: float | None = None,
+    query_scale: float | None = None,
 ) -> Array:
     """Local softmax attention in blocks of queries: query t sees keys t + 1 .. t + span of its segment
     (its own key is key span + t, after the span - 1 keys before it).
@@ -142,6 +144,7 @@ def window_attention(
         fold(mask),
         kernel=kernel,
         logit_softcap=logit_softcap,
+        query_scale=query_scale,
     )
     return out.reshape(batch, padded, heads, head_dim)[:, :length]
 
@@ -164,6 +167,8 @@ class RAttention(Attention):
         # Per-head RMSNorms of the two branches (input_dim = head_dim, filled by the layer).
         window_norm: RMSNorm.Config = RMSNorm.default_config()
         linear_norm: RMSNorm.Config = RMSNorm.default_config()
+        # A separate norm scale per head ([heads, head_dim], AXLearn's) instead of one [head_dim] shared by all heads.
+        per_head_norm_scale: bool = optional(False)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -174,8 +179,9 @@ class RAttention(Attention):
                 "keys before RoPE and cannot read another layer's keys/values; set kv_sharing=None on the stack "
                 "or keep plain Attention for KV-sharing consumers"
             )
+        heads = {"heads": cfg.num_heads} if cfg.per_head_norm_scale else {}
         window_norm, linear_norm = (
-            fill_child(norm, parent=cfg, input_dim=self.head_dim).set(axis_name="head_dim")
+            fill_child(norm, parent=cfg, input_dim=self.head_dim).set(axis_name="head_dim", **heads)
             for norm in (cfg.window_norm, cfg.linear_norm)
         )
         self.window_norm = window_norm.instantiate(rngs=rngs)
@@ -278,6 +284,7 @@ class RAttention(Attention):
             block_size=cfg.chunk_size,
             kernel=cfg.kernel,
             logit_softcap=cfg.logit_softcap,
+            query_scale=cfg.query_scale,
         )
 
         # Linear branch: key t leaves the window at new token t. Keys past this row's valid tokens stay in the

@@ -34,6 +34,7 @@ from axmini.config import (
     fill_child,
     find_configs,
     map_configs,
+    optional,
     replace_config,
 )
 from axmini.layers.attention import KV, Attention, BaseQKVProjection, QueryOnlyProjection, SlidingWindowModifier
@@ -52,13 +53,19 @@ class LayerOutput(NamedTuple):
 
 
 class TransformerLayer(Layer):
-    """x + attention(norm(x)), then x + feed_forward(norm(x)). Each of the three parts is a slot."""
+    """x + attention(norm(x)), then x + feed_forward(norm(x)). Each of the three parts is a slot.
+
+    With the optional "sandwich" norms (Gemma 2 and 3) each residual branch is also normalized at its output:
+    x + post_attention_norm(attention(norm(x))), then x + post_feed_forward_norm(feed_forward(norm(x))).
+    """
 
     class Config(Layer.Config):
         input_dim: Required[int] = REQUIRED
         norm: Layer.Config = RMSNorm.default_config()
         self_attention: Layer.Config = Attention.default_config()
         feed_forward: Layer.Config = FeedForward.default_config()
+        post_attention_norm: Layer.Config | None = optional(None)
+        post_feed_forward_norm: Layer.Config | None = optional(None)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -71,6 +78,10 @@ class TransformerLayer(Layer):
         self.self_attention = attention.instantiate(rngs=rngs)
         self.feed_forward_norm = norm.instantiate(rngs=rngs)
         self.feed_forward = feed_forward.instantiate(rngs=rngs)
+        self.post_attention_norm, self.post_feed_forward_norm = (
+            fill_child(child, parent=cfg, input_dim=cfg.input_dim).instantiate(rngs=rngs) if child is not None else None
+            for child in (cfg.post_attention_norm, cfg.post_feed_forward_norm)
+        )
 
     def __call__(
         self,
@@ -84,8 +95,8 @@ class TransformerLayer(Layer):
         attn = self.self_attention(
             self.attention_norm(x), positions=positions, segment_ids=segment_ids, cache=cache, shared_kv=shared_kv
         )
-        y = x + attn.output
-        y = y + self.feed_forward(self.feed_forward_norm(y))
+        y = x + _maybe(self.post_attention_norm, attn.output)
+        y = y + _maybe(self.post_feed_forward_norm, self.feed_forward(self.feed_forward_norm(y)))
         self._sow_activations(x, y)
         return LayerOutput(y, attn.cache, attn.kv)
 
@@ -98,6 +109,10 @@ class TransformerLayer(Layer):
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
         return self.self_attention.init_cache(batch_size, max_length, dtype)
+
+
+def _maybe(norm: nnx.Module | None, x: Array) -> Array:
+    return x if norm is None else norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,9 +406,11 @@ class GlobalLocalModifier(ConfigModifier):
         sliding_window: int = 4096
         # Remove RoPE from the global layers (their attention then has no positional encoding).
         strip_global_rope: bool = True
+        # The RoPE theta of the local layers (Gemma 3: 10k local, 1M global); None: as the layer config has it.
+        local_rope_theta: float | None = None
 
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
-        check_positive(self.config, "local_layers", "global_layers", "sliding_window")
+        check_positive(self.config, "local_layers", "global_layers", "sliding_window", "local_rope_theta")
         for path, stack in find_configs(cfg, BaseStack.matches):
             period = len(to_pattern_stack(stack).pattern)
             if period != 1:
@@ -408,6 +425,8 @@ class GlobalLocalModifier(ConfigModifier):
         stack = to_pattern_stack(stack)
         window = SlidingWindowModifier.default_config().set(sliding_window=mcfg.sliding_window).instantiate()
         local = window(stack.pattern[0].clone())
+        if mcfg.local_rope_theta is not None:
+            local = map_configs(local, RoPEProjection, lambda rope: rope.set(theta=mcfg.local_rope_theta))
         global_ = stack.pattern[0].clone()
         if mcfg.strip_global_rope:
             global_ = map_configs(global_, RoPEProjection, lambda rope: rope.inner)
