@@ -13,7 +13,9 @@ from axmini.config import ConfigValueError
 from axmini.decoding import generate
 from axmini.layers.moe import MoE, MoEModifier
 from axmini.layers.transformer import KVSharingModifier, to_pattern_stack
+from axmini.lora import LoRA, LoRAModifier
 from axmini.pruning.instruction import InstructionPrunedLayer, InstructionPruningModifier
+from axmini.qat import QATModifier
 from experiments.decoders import DecoderShape, decoder_config
 
 V, D, L, F = 64, 32, 2, 64
@@ -53,9 +55,23 @@ def test_masks_keep_the_budget_and_differ_across_instructions_one_per_packed_seq
     np.testing.assert_array_equal(np.asarray(ffn_layer.token_masks(changed, positions, segments))[:, :6], masks[:, :6])
 
 
-@pytest.mark.parametrize("pattern", [False, True])
-def test_gathered_decoding_equals_the_masked_full_forward(pattern):
-    model = pruned(pattern=pattern).instantiate(rngs=nnx.Rngs(0))
+def with_transform(cfg, transform):
+    """`cfg` with QAT or (trained-looking: B not zero) LoRA on every linear weight but the embedding and the head."""
+    if transform == "qat":
+        return QATModifier.default_config().set(bits=4).instantiate()(cfg).instantiate(rngs=nnx.Rngs(0))
+    model = LoRAModifier.default_config().set(rank=2).instantiate()(cfg).instantiate(rngs=nnx.Rngs(0))
+    for i, (_, adapter) in enumerate(m for m in nnx.iter_modules(model) if isinstance(m[1], LoRA)):
+        adapter.b.set_value(jax.random.normal(jax.random.key(i), adapter.b.get_value().shape))
+    return model
+
+
+@pytest.mark.parametrize(
+    "pattern, transform", [(False, None), (True, None), (False, "lora"), (True, "qat"), (False, "qat")]
+)
+def test_gathered_decoding_equals_the_masked_full_forward(pattern, transform):
+    """Also under a weight transform: decoding gathers the weights as the layer reads them (transformed)."""
+    cfg = pruned(pattern=pattern)
+    model = cfg.instantiate(rngs=nnx.Rngs(0)) if transform is None else with_transform(cfg, transform)
     ids = jax.random.randint(jax.random.key(1), (2, 10), 1, V)
     full = nnx.jit(lambda m, x: m.forward(x).logits)(model, ids)
     step = nnx.jit(lambda m, x, p, c: m.forward(x, positions=p, cache=c))

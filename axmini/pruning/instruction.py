@@ -11,7 +11,8 @@ instruction through it (a choice of k units), so weight the loss on responses wh
 (segment ids) each get their own mask.
 
 Decoding: the first call with a cache (prefill: the cache holds no units yet) computes each row's mask from its
-prompt and gathers the feed-forward's weights down to the k active units, per row, into the layer's cache; that call
+prompt and gathers the feed-forward's weights, as the feed-forward reads them (through its weight transform, if any:
+QAT, LoRA), down to the k active units, per row, into the layer's cache; that call
 and every later one run the FeedForward of k units on them, so per-token FFN compute is k/F of the dense layer's.
 A prompt shorter than `prompt_length` is used whole.
 
@@ -70,7 +71,7 @@ class MaskPredictor(Layer):
 class LayerCache(NamedTuple):
     attention: Any  # The attention's cache.
     units: Array | None  # [B, k] each row's active hidden units (ascending); None before prefill.
-    weights: nnx.State | None  # The feed-forward's weights gathered to each row's active units ([B, ...] each).
+    weights: dict[str, Array] | None  # The feed-forward's weights, transformed, gathered to each row's active units.
 
 
 class InstructionPrunedLayer(TransformerLayer):
@@ -170,22 +171,31 @@ class InstructionPrunedLayer(TransformerLayer):
     # ------------------------------------------------------------------------------------------------
     # Decoding with the active units only.
 
-    def _gather(self, units: Array) -> nnx.State:
-        """The feed-forward's weights gathered to `units` [B, k] along their `mlp` axis: [B, ...] per weight."""
+    def _gather(self, units: Array) -> dict[str, Array]:
+        """The feed-forward's weights as it reads them (through its weight transform, if any: QAT, LoRA), gathered
+        to `units` [B, k] along their `mlp` axis: [B, ...] per weight name."""
+        ff = self.feed_forward
 
-        def gather(variable: nnx.Variable) -> nnx.Variable:
-            value, axes = variable.get_value(), variable.get_metadata()["axes"]
+        def gather(weight: nnx.Param) -> Array:
+            value, axes = ff.read_weight(weight), weight.get_metadata()["axes"]
             axis = axes.index("mlp") - (len(axes) - value.ndim)  # In a scanned stack, axes still name `layers`.
-            return variable.replace(jnp.moveaxis(jnp.take(value, units, axis=axis), axis, 0))
+            return jnp.moveaxis(jnp.take(value, units, axis=axis), axis, 0)
 
-        state = nnx.state(self.feed_forward, nnx.Param)
-        return jax.tree.map(gather, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        return {name: gather(getattr(ff, name)) for name in ff.weight_names if hasattr(ff, name)}
 
-    def _active_feed_forward(self, h: Array, weights: nnx.State) -> Array:
-        """Each row of `h` [B, T, D] through the FeedForward of its k active units (`weights`, gathered per row)."""
-        active = self.feed_forward.config.clone(hidden_dim=self.active_units)
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: active.instantiate(rngs=nnx.Rngs(0))))
-        return jax.vmap(lambda state, row: nnx.merge(graphdef, state)(row))(weights, h)
+    def _active_feed_forward(self, h: Array, weights: dict[str, Array]) -> Array:
+        """Each row of `h` [B, T, D] through the plain FeedForward of its k active units (`weights`, gathered per row,
+        already transformed)."""
+        active = self.feed_forward.config.clone(hidden_dim=self.active_units, weight_transform=None)
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: active.instantiate(rngs=nnx.Rngs(0))))
+
+        def run(weights: dict[str, Array], row: Array) -> Array:
+            state = nnx.from_flat_state(
+                [(path, v.replace(weights[path[0]])) for path, v in nnx.to_flat_state(abstract)]
+            )
+            return nnx.merge(graphdef, state)(row)
+
+        return jax.vmap(run)(weights, h)
 
 
 class InstructionPruningModifier(ConfigModifier):
