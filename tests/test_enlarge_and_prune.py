@@ -16,6 +16,7 @@ from axmini.module import capture_aux
 from axmini.pruning.distillation import Distillation, TeacherWeight, distilled
 from axmini.pruning.enlarge_and_prune import EnlargeAndPruneTrainer
 from axmini.pruning.structured import ModelShape, TargetShape, model_shape
+from axmini.qat import QATModifier
 from axmini.trainer.evaluator import Evaluator
 from axmini.trainer.input import SyntheticInput
 from axmini.trainer.learner import warmup_decay_schedule
@@ -25,7 +26,8 @@ from experiments.decoders import DecoderShape, decoder_config
 ENLARGED = DecoderShape(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, hidden_dim=64)
 
 
-def pipeline(tmp_path, *, target, prune_steps, max_step, distillation=None):
+def plain(tmp_path, *, max_step):
+    """A plain trainer of the enlarged model."""
     data = SyntheticInput.default_config().set(vocab_size=64, global_batch_size=8, sequence_length=16)
     cfg = Trainer.default_config().set(
         dir=str(tmp_path),
@@ -37,6 +39,11 @@ def pipeline(tmp_path, *, target, prune_steps, max_step, distillation=None):
         progress_bar=False,
     )
     cfg.learner.learning_rate.set(peak_lr=1e-2, warmup_steps=2)
+    return cfg
+
+
+def pipeline(tmp_path, *, target, prune_steps, max_step, distillation=None):
+    cfg = plain(tmp_path, max_step=max_step)
     cfg = replace_config(cfg, target=Trainer, new=EnlargeAndPruneTrainer.default_config())
     return cfg.set(target=target, prune_steps=prune_steps, calibration_batches=2, distillation=distillation)
 
@@ -104,6 +111,21 @@ def test_pruning_slices_the_optimizer_statistics_like_the_parameters(tmp_path):
             np.testing.assert_array_equal(new_m[layer], old_m[layer][kept])
 
 
+def test_a_run_with_init_from_starts_the_enlarged_model_from_a_trained_run(tmp_path):
+    """Trainer's init_from (the one warm-start mechanism) starts the first stage; pruned stages start from the
+    pruned state, not from init_from."""
+    base = plain(tmp_path / "base", max_step=2).instantiate(devices=jax.devices()[:1])
+    trained = base.run().state["params"]
+    cfg = pipeline(tmp_path / "run", target=TargetShape(hidden_dim=40), prune_steps=[1], max_step=2)
+    trainer = cfg.set(init_from=str(tmp_path / "base")).instantiate(devices=jax.devices()[:1])
+    trainer.run()
+    first = trainer.stages[0].trainer
+    start = first.config.checkpointer.instantiate(read_only=True).restore(0, first.abstract_state).state
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(start["params"]), jax.tree.leaves(trained))
+    assert [stage.trainer.config.init_from for stage in trainer.stages] == [str(tmp_path / "base"), None]
+    assert model_shape(trainer.model(trainer.restore_or_init())).hidden_dim == 40
+
+
 def test_distillation_loss_is_the_softened_kl_and_the_teacher_is_not_trained():
     student, teacher = decoder_config(ENLARGED._replace(dim=16)), decoder_config(ENLARGED)
     model = distilled(student, teacher, Distillation(weight=0.5, temperature=2.0)).instantiate(rngs=nnx.Rngs(0))
@@ -133,6 +155,10 @@ def test_distillation_loss_is_the_softened_kl_and_the_teacher_is_not_trained():
         (dict(target=TargetShape(hidden_dim=100)), r"target\.hidden_dim=100 must be in \[1, 64\]"),
         (dict(target=TargetShape(num_heads=3)), r"target\.num_heads=3 must be a multiple of target\.num_kv_heads=2"),
         (dict(distillation=Distillation(temperature=0.0)), r"distillation\.temperature=0\.0 must be positive"),
+        (
+            dict(model=QATModifier.default_config().instantiate()(decoder_config(ENLARGED))),
+            r"^model\.stack\.layer\.self_attention\.\S+\.weight_transform is a FakeQuantization: pruning reads plain",
+        ),
     ],
 )
 def test_bad_pruning_settings_are_refused_before_anything_is_written(tmp_path, change, message):

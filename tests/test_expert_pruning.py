@@ -8,11 +8,13 @@ import numpy as np
 import optax
 import pytest
 
+from axmini.config import ConfigValueError
 from axmini.layers.attention import Attention
 from axmini.layers.decoder import Decoder
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.moe import MoE, MoEModifier, TopKGating
 from axmini.layers.transformer import RepeatedStack, TransformerLayer
+from axmini.lora import LoRAModifier
 from axmini.module import count_params
 from axmini.pruning import experts
 from axmini.pruning.calibration import evaluate
@@ -205,6 +207,12 @@ def test_pruning_below_top_k_is_refused_naming_the_field():
         prune(cfg, model, [batch()], num_to_prune=7)
     with pytest.raises(ValueError, match="rounds=3"):
         prune(cfg, model, [batch()], num_to_prune=2, rounds=3)
+
+
+def test_a_model_with_weight_transforms_is_refused_naming_the_layer():
+    cfg = LoRAModifier.default_config().set(pattern="feed_forward").instantiate()(moe_decoder())
+    with pytest.raises(ConfigValueError, match=r"^stack\.layer\.feed_forward\.weight_transform is a LoRA: pruning"):
+        prune(cfg, cfg.instantiate(rngs=nnx.Rngs(0)), [batch()], num_to_prune=2)
 
 
 def test_importance_of_a_model_without_moe_is_refused():

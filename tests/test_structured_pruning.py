@@ -12,10 +12,12 @@ from axmini.config import ConfigValueError, map_configs
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.norm import LayerNorm
 from axmini.layers.transformer import GlobalLocalModifier, TransformerLayer
+from axmini.lora import LoRAModifier
 from axmini.module import count_params
 from axmini.pruning import structured
 from axmini.pruning.calibration import flat
 from axmini.pruning.structured import Criterion, TargetShape, Unit, importance, model_shape, prune
+from axmini.qat import QATModifier
 from experiments.decoders import DecoderShape, decoder_config
 
 V, D, L, H, K, F = 64, 32, 3, 4, 2, 48
@@ -240,3 +242,11 @@ def test_scores_of_the_wrong_shape_are_refused(model):
         structured.remove(
             small_decoder(), model, Unit.FFN, target, {("stack/layers/feed_forward", "mlp"): np.ones((L, 40))}
         )
+
+
+@pytest.mark.parametrize("modifier", [LoRAModifier, QATModifier])
+def test_a_model_with_weight_transforms_is_refused_naming_the_layer(modifier):
+    """Pruning scores and slices plain weights (a LoRA base gets no gradient): refused before any work."""
+    cfg = modifier.default_config().set(pattern="feed_forward").instantiate()(small_decoder())
+    with pytest.raises(ConfigValueError, match=r"^stack\.layer\.feed_forward\.weight_transform is a .*merge LoRA"):
+        prune(cfg, cfg.instantiate(rngs=nnx.Rngs(0)), batches(), TargetShape(hidden_dim=24))

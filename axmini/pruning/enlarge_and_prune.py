@@ -7,15 +7,17 @@ model's to the target's: `structured.schedule`), the importance `criterion` and 
 reads, and optional `distillation`: after the first round the model learns from the enlarged model's logits as well
 (a `DistilledDecoder`, through the aux-loss path).
 
-The run is a sequence of stages, one per model shape, each an ordinary Trainer built from this config with the
-stage's model and running from its first to its last step. Its schedule's `total_steps` is this run's `max_step`,
-so the learning rate follows one cosine over the whole run; batches are indexed by step, so the data go on where
-the previous stage stopped. At a pruning step the previous stage's final state is pruned by `structured.prune`
-(scores from the next `calibration_batches` training batches): parameters, and the optimizer statistics shaped like
-them, are sliced alike, so the optimizer carries on; the result is saved as the next stage's first checkpoint, and
-the pruned model's evaluation loss is logged as `pruned/loss`. Every stage writes this run's metrics (one curve);
-stage i checkpoints under `<dir>/stages/<i>`, the last stage (the target model) under this run's checkpoint dir, so
-`axmini sample` and `restore_or_init` read the pruned model. A run resumes in the stage it stopped in.
+The run is a sequence of stages, one per model shape, each an ordinary Trainer built from this config with the stage's
+model and running from its first to its last step. Its schedule's `total_steps` is this run's `max_step`, so the
+learning rate follows one cosine over the whole run; batches are indexed by step, so the data go on where the previous
+stage stopped. The enlarged model starts fresh, or from a trained model by the Trainer's `init_from` (a trainer dir or
+`hf:DIR`: the first stage warm-starts as any run does). At a pruning step the previous stage's final state is pruned by
+`structured.prune` (scores from the next `calibration_batches` training batches): parameters, and the optimizer
+statistics shaped like them, are sliced alike, so the optimizer carries on; the result is saved as the next stage's
+first checkpoint, and the pruned model's evaluation loss is logged as `pruned/loss`. Every stage writes this run's
+metrics (one curve); stage i checkpoints under `<dir>/stages/<i>`, the last stage (the target model) under this run's
+checkpoint dir, so `axmini sample` and `restore_or_init` read the pruned model. A run resumes in the stage it stopped
+in.
 
 Single-process: pruning reads the parameters on the host.
 """
@@ -118,6 +120,8 @@ class EnlargeAndPruneTrainer(Trainer):
         stage = replace_config(cfg, target=type(self), new=Trainer.default_config())
         stage_dir = Path(cfg.dir) / "stages" / str(index)
         stage.set(model=model, max_step=end, dir=str(stage_dir))
+        if index:  # Only the enlarged model starts from `init_from`; a pruned stage starts from the pruned state.
+            stage.init_from = None
         stage.summary_writer.dir = self.config.summary_writer.dir  # One metrics file for the whole run.
         stage.checkpointer.dir = self.config.checkpointer.dir if last else str(stage_dir / "checkpoints")
         schedule_cfg = stage.learner.learning_rate

@@ -39,7 +39,7 @@ from axmini.pruning.calibration import (
     mean_summaries,
 )
 from axmini.pruning.fine_tune import FineTuning, fine_tune
-from axmini.pruning.slicing import build, per_unit_sum, take_along
+from axmini.pruning.slicing import build, check_plain_weights, per_unit_sum, take_along
 
 _EXPERT_WEIGHTS = ("wi_0", "wi_1", "wi", "wo")
 
@@ -154,6 +154,7 @@ def drop_experts(cfg: ConfigBase, model: nnx.Module, scores: Mapping[str, np.nda
 
 
 def _check_prunable(cfg: ConfigBase, num: int) -> None:
+    check_plain_weights(cfg)
     if num < 0:
         raise ValueError(f"prune: num_to_prune={num} must be >= 0")
     for path, moe in find_configs(cfg, MoE):

@@ -16,8 +16,8 @@ import flax.nnx as nnx
 import jax
 import numpy as np
 
-from axmini.config import ConfigBase
-from axmini.module import build_abstract
+from axmini.config import ConfigBase, ConfigValueError, config_path, find_configs
+from axmini.module import Layer, build_abstract
 
 Key = tuple[str, str]  # (module path, logical axis)
 Kept = dict[Key, np.ndarray]  # Kept indices, [..., n'], the leading dims being the variable's stacked dims.
@@ -29,6 +29,19 @@ class Removal(NamedTuple):
 
     kept: Kept
     scales: dict[str, float] = {}
+
+
+def check_plain_weights(cfg: ConfigBase) -> None:
+    """Refuses a model whose layers read their weights through a weight transform (QAT, LoRA): pruning scores and
+    slices the weights themselves, and a LoRA model's base weights get no gradient, so its scores would be wrong."""
+    found = find_configs(cfg, lambda c: Layer.matches(c) and c.weight_transform is not None)
+    if found:
+        _, layer = found[0]
+        raise ConfigValueError(
+            f"{config_path(layer, 'weight_transform')} is a {layer.weight_transform.klass.__name__}: pruning reads "
+            "plain weights; prune the model without it and apply the transform after (merge LoRA adapters first: "
+            "axmini.lora.merge)"
+        )
 
 
 def take_along(value: Any, indices: np.ndarray, axis: int) -> np.ndarray:

@@ -49,6 +49,7 @@ from axmini.pruning.slicing import (
     Removal,
     axes_of,
     build,
+    check_plain_weights,
     check_shapes,
     is_under,
     per_unit_sum,
@@ -159,7 +160,9 @@ def changes(current: ModelShape, target: ModelShape, unit: Unit) -> bool:
 
 
 def check_target(model: nnx.Module, target: TargetShape) -> ModelShape:
-    """The resolved target; refuses one the model cannot be pruned to, naming the target field and the fix."""
+    """The resolved target; refuses one the model cannot be pruned to (or a model with weight transforms), naming
+    the target field and the fix."""
+    check_plain_weights(model.config)
     current = model_shape(model)
     final = target.resolve(current)
     for field in ModelShape._fields[:5]:
