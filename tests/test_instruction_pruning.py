@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from axmini.config import ConfigValueError
+from axmini.config import ConfigValueError, map_configs
 from axmini.decoding import generate
 from axmini.layers.moe import MoE, MoEModifier
-from axmini.layers.transformer import KVSharingModifier, to_pattern_stack
+from axmini.layers.norm import RMSNorm
+from axmini.layers.transformer import KVSharingModifier, TransformerLayer, to_pattern_stack
 from axmini.lora import LoRA, LoRAModifier
 from axmini.pruning.instruction import InstructionPrunedLayer, InstructionPruningModifier
 from axmini.qat import QATModifier
@@ -148,3 +149,16 @@ def test_kv_sharing_moe_and_a_bad_budget_are_refused():
         InstructionPruningModifier.default_config().instantiate()(moe).instantiate(rngs=nnx.Rngs(0))
     with pytest.raises(ConfigValueError, match=r"active_fraction=1.5 must be in \(0, 1\]"):
         layer(fraction=1.5)
+
+
+def test_with_every_unit_active_the_layer_is_the_dense_layer_sandwich_norms_included():
+    norms = dict(post_attention_norm=RMSNorm.default_config(), post_feed_forward_norm=RMSNorm.default_config())
+    dense_cfg = map_configs(dense(), TransformerLayer, lambda c: c.set(**norms))
+    modifier = InstructionPruningModifier.default_config().set(active_fraction=1.0, prompt_length=PROMPT)
+    model = modifier.instantiate()(dense_cfg).instantiate(rngs=nnx.Rngs(0))
+    plain = dense_cfg.instantiate(rngs=nnx.Rngs(1))
+    values = dict(nnx.to_flat_state(nnx.state(model)))
+    nnx.update(plain, nnx.from_flat_state([(path, values[path]) for path, _ in nnx.to_flat_state(nnx.state(plain))]))
+    ids = jax.random.randint(jax.random.key(5), (2, 8), 1, V)
+    forward = nnx.jit(lambda m, x: m.forward(x).logits)
+    np.testing.assert_allclose(forward(model, ids), forward(plain, ids), rtol=1e-5, atol=1e-5)

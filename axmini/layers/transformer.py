@@ -95,8 +95,8 @@ class TransformerLayer(Layer):
         attn = self.self_attention(
             self.attention_norm(x), positions=positions, segment_ids=segment_ids, cache=cache, shared_kv=shared_kv
         )
-        y = x + _maybe(self.post_attention_norm, attn.output)
-        y = y + _maybe(self.post_feed_forward_norm, self.feed_forward(self.feed_forward_norm(y)))
+        y = x + maybe_apply(self.post_attention_norm, attn.output)
+        y = y + maybe_apply(self.post_feed_forward_norm, self.feed_forward(self.feed_forward_norm(y)))
         self._sow_activations(x, y)
         return LayerOutput(y, attn.cache, attn.kv)
 
@@ -111,7 +111,8 @@ class TransformerLayer(Layer):
         return self.self_attention.init_cache(batch_size, max_length, dtype)
 
 
-def _maybe(norm: nnx.Module | None, x: Array) -> Array:
+def maybe_apply(norm: nnx.Module | None, x: Array) -> Array:
+    """`norm(x)`, or `x` where the optional norm (a sandwich norm) is off."""
     return x if norm is None else norm(x)
 
 

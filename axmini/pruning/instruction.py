@@ -41,7 +41,7 @@ from axmini.config import (
 )
 from axmini.layers.attention import KV
 from axmini.layers.feed_forward import FeedForward
-from axmini.layers.transformer import BaseStack, LayerOutput, TransformerLayer
+from axmini.layers.transformer import BaseStack, LayerOutput, TransformerLayer, maybe_apply
 from axmini.module import Layer, constant_init
 
 Array = jax.Array
@@ -116,20 +116,20 @@ class InstructionPrunedLayer(TransformerLayer):
             cache=attention_cache,
             shared_kv=shared_kv,
         )
-        y = x + attn.output
+        y = x + maybe_apply(self.post_attention_norm, attn.output)
         h = self.feed_forward_norm(y)
         if cache is None:
-            y = y + self.feed_forward(h, unit_mask=self.token_masks(h, positions, segment_ids))
+            out = self.feed_forward(h, unit_mask=self.token_masks(h, positions, segment_ids))
             new_cache = None
         else:
-            if (
-                units is None
-            ):  # Prefill: one sequence per row (segment ids only mark padding), its prompt in these tokens.
+            # Prefill: one sequence per row (segment ids only mark padding), its prompt in these tokens.
+            if units is None:
                 valid = None if segment_ids is None else (segment_ids != 0).astype(jnp.int32)
                 units = self._top_units(self._prompt_means(h, positions, valid, 2)[:, 1])
                 weights = self._gather(units)
-            y = y + self._active_feed_forward(h, weights)
+            out = self._active_feed_forward(h, weights)
             new_cache = LayerCache(attn.cache, units, weights)
+        y = y + maybe_apply(self.post_feed_forward_norm, out)
         self._sow_activations(x, y)
         return LayerOutput(y, new_cache, attn.kv)
 
