@@ -442,8 +442,8 @@ class InstantiableConfig(ConfigBase):
             )
 
 
-def _stamp_paths(cfg: ConfigBase, prefix: str) -> None:
-    """Records each sub-config's dotted path in the tree, so errors raised while building name it."""
+def stamp_paths(cfg: ConfigBase, prefix: str = "") -> None:
+    """Records each sub-config's dotted path in the tree, so errors raised while building (or finalizing) name it."""
     object.__setattr__(cfg, "_tree_path", prefix)
 
     def stamp(path: str, value: Any) -> None:
@@ -509,7 +509,7 @@ class Configurable:
         def instantiate(self, **kwargs: Any) -> Any:
             if self.klass is None:
                 raise RequiredFieldMissingError(f"{type(self).__qualname__}.klass is not set; use Foo.default_config()")
-            _stamp_paths(self, getattr(self, "_tree_path", ""))
+            stamp_paths(self, getattr(self, "_tree_path", ""))
             self._check_required()
             return self.klass(self, **kwargs)
 
@@ -530,7 +530,7 @@ class Configurable:
             raise ConfigTypeError(f"{type(self).__name__} needs a {expected}, got {got}")
         path = getattr(cfg, "_tree_path", "")
         self._config = cfg.freeze()
-        _stamp_paths(self._config, path)
+        stamp_paths(self._config, path)
 
     @property
     def config(self) -> Config:

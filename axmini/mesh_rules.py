@@ -204,9 +204,12 @@ def resolve_mesh_shape(rule: MeshRule, num_devices: int, num_slices: int = 1) ->
     return tuple(per_slice // known if d == -1 else d for d in shape)
 
 
-def make_mesh(rule: MeshRule, devices: Sequence[jax.Device] | None = None, num_slices: int = 1) -> Mesh:
-    """A mesh over MESH_AXES for `devices` (default: all); with several slices, `data` spans them (DCN)."""
+def make_mesh(rule: MeshRule, devices: Sequence[jax.Device] | None = None, num_slices: int | None = None) -> Mesh:
+    """A mesh over MESH_AXES for `devices` (default: all); with several slices (default: as many as the devices are
+    on, TPU multi-slice), `data` spans them (DCN)."""
     devices = list(devices if devices is not None else jax.devices())
+    if num_slices is None:
+        num_slices = len({getattr(d, "slice_index", 0) for d in devices})
     shape = resolve_mesh_shape(rule, len(devices), num_slices)
     axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if num_slices > 1:

@@ -42,11 +42,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import experiments
+from axmini import experiments
 from axmini.layers.attention import AttentionKernel, attention_mask, reference_attention
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.moe import MoE, MoEDispatch, TopKGating
 from axmini.mesh_rules import detect_instance_type, instance_type
+from axmini.trainer.finalize import finalize
 from axmini.trainer.input import SyntheticInput
 from axmini.trainer.trainer import Trainer
 
@@ -109,8 +110,7 @@ def llama_trainer(batch: int, length: int, tmp: str, smoke: bool) -> Trainer:
         vocab_size=cfg.model.vocab_size, global_batch_size=batch, sequence_length=length
     )
     cfg.evaluator.input = None
-    cfg.mesh_selector = detect_instance_type()
-    return cfg.instantiate(devices=jax.devices()[:1])
+    return finalize(cfg, detect_instance_type()).instantiate(devices=jax.devices()[:1])
 
 
 def _rope(x: jax.Array, theta: float) -> jax.Array:

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from axmini.decoding import generate
+from axmini.experiments.decoders import DecoderShape, decoder_config, llama_decoder, tiny_decoder
 from axmini.layers.decoder import Decoder
 from axmini.module import count_params
-from experiments.decoders import DecoderShape, decoder_config, llama_decoder, tiny_decoder
 
 # ----------------------------------------------------------------------------------------------------
 # The plain-JAX reference: Llama-style decoder (RMSNorm, RoPE, GQA causal attention, SwiGLU).

@@ -30,9 +30,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-import experiments
+from axmini import experiments
 from axmini.module import build_abstract, count_params
 from axmini.pruning.enlarge_and_prune import EnlargeAndPruneTrainer
+from axmini.trainer.finalize import finalize
 
 PIPELINE, SCRATCH = "enlarge_and_prune_tiny", "enlarge_and_prune_tiny_scratch"
 RESULTS = Path(__file__).parent / "results"
@@ -68,7 +69,7 @@ def train_flops(trainer: Any) -> float:
 def run(name: str, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = args.runs / name
     shutil.rmtree(run_dir, ignore_errors=True)  # A fresh run: the comparison is between whole runs.
-    trainer = config(name, run_dir, args.max_step).instantiate()
+    trainer = finalize(config(name, run_dir, args.max_step)).instantiate()
     start = time.perf_counter()
     result = trainer.run()
     seconds = time.perf_counter() - start

@@ -29,8 +29,8 @@ from timing import time_call
 
 from axmini import guided
 from axmini.decoding import generate
+from axmini.experiments.lm import tiny
 from axmini.trainer import corpus
-from experiments.lm import tiny
 
 SCHEMA = {
     "type": "object",

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import experiments
+from axmini import experiments
+from axmini.trainer.finalize import finalize
 from axmini.trainer.input import SyntheticInput
 from axmini.trainer.trainer import Trainer
 
@@ -44,7 +45,7 @@ def trainer_config(name: str, shape: tuple[int, int] | None, tmp: str) -> Traine
         vocab_size=cfg.model.vocab_size, global_batch_size=batch, sequence_length=length
     )
     cfg.evaluator.input = None
-    return cfg
+    return finalize(cfg)
 
 
 def plain_step_fn(trainer: Trainer, graphdef: Any, rest: Any) -> Any:

@@ -1,7 +1,10 @@
-"""Named experiments: a registry of functions that each return a complete config.
+"""The built-in experiments: a registry of functions that each return a complete trainer config.
 
-`@register("name")` adds a function; `get("name")` calls it; `names()` lists them. The modules below
-register on import, so importing this package makes every experiment reachable by name.
+`@register("name")` adds a function; `get("name")` calls it; `names()` lists them. The modules below register on
+import, so importing this package makes every experiment reachable by name. This folder is installed as the package
+`axmini.experiments` (through the link axmini/experiments -> ../experiments), never as a top-level `experiments`
+that would clash with a user's own. Experiments of the user's own are reached by file or module path:
+`axmini.experiment_loader`.
 """
 
 from __future__ import annotations
@@ -12,15 +15,13 @@ import pkgutil
 from collections.abc import Callable
 
 from axmini.config import ConfigBase
+from axmini.experiment_loader import ExperimentError
 
 _REGISTRY: dict[str, Callable[[], ConfigBase]] = {}
 
 
-class UnknownExperimentError(KeyError):
+class UnknownExperimentError(ExperimentError):
     """A name that no experiment was registered under."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 def register(name: str) -> Callable[[Callable[[], ConfigBase]], Callable[[], ConfigBase]]:
@@ -51,5 +52,7 @@ def get(name: str) -> ConfigBase:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3, cutoff=0.4)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise UnknownExperimentError(f"unknown experiment {name!r}{hint} (see `axmini configs list`)")
+        raise UnknownExperimentError(
+            f"unknown experiment {name!r}{hint} (see `axmini configs list`; one of your own: path/to/file.py:FUNCTION)"
+        )
     return _REGISTRY[name]()

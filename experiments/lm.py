@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from axmini.experiments import register
+from axmini.experiments.decoders import MODELS, DecoderShape, decoder_config
 from axmini.layers.decoder import Decoder
 from axmini.trainer.checkpointer import Checkpointer
 from axmini.trainer.evaluator import Evaluator
 from axmini.trainer.input import SeqioInput
 from axmini.trainer.learner import Decay
 from axmini.trainer.trainer import Trainer
-from experiments import register
-from experiments.decoders import MODELS, DecoderShape, decoder_config
 
 
 class Schedule(NamedTuple):

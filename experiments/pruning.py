@@ -14,14 +14,14 @@ target shape inside one cosine schedule, against the target shape trained from s
 from __future__ import annotations
 
 from axmini.config import replace_config
+from axmini.experiments import register
+from axmini.experiments.decoders import DecoderShape, decoder_config, tiny_decoder
+from axmini.experiments.lm import Schedule, lm_trainer, tiny
 from axmini.features import FEATURES
 from axmini.pruning.distillation import Distillation
 from axmini.pruning.enlarge_and_prune import EnlargeAndPruneTrainer
 from axmini.pruning.structured import TargetShape
 from axmini.trainer.trainer import Trainer
-from experiments import register
-from experiments.decoders import DecoderShape, decoder_config, tiny_decoder
-from experiments.lm import Schedule, lm_trainer, tiny
 
 TINY_PRUNING_SCHEDULE = Schedule(
     global_batch_size=16, sequence_length=64, max_step=600, peak_lr=3e-3, warmup_steps=30, eval_every_n_steps=50,

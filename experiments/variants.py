@@ -6,12 +6,12 @@ Each is the base experiment with one config modifier applied (or, for PT-MoE, an
 
 from __future__ import annotations
 
+from axmini.experiments import register
+from axmini.experiments.decoders import afm_on_device, pt_moe_large, pt_moe_tiny, rattention_variant
+from axmini.experiments.lm import _SCHEDULES, TINY_SCHEDULE, lm_trainer, tiny
 from axmini.features import FEATURES
 from axmini.layers.rattention import RAttentionLayout
 from axmini.trainer.trainer import Trainer
-from experiments import register
-from experiments.decoders import afm_on_device, pt_moe_large, pt_moe_tiny, rattention_variant
-from experiments.lm import _SCHEDULES, TINY_SCHEDULE, lm_trainer, tiny
 
 
 @register("tiny_rattention")

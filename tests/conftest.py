@@ -1,6 +1,8 @@
 """Test setup: 8 simulated CPU devices, so sharding is really exercised, and the golden update switch."""
 
 import os
+import sys
+from collections.abc import Iterator
 
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
@@ -24,3 +26,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_golden(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-golden")) or os.environ.get("UPDATE_GOLDEN") == "1"
+
+
+@pytest.fixture
+def user_modules(monkeypatch: pytest.MonkeyPatch, tmp_path) -> Iterator[None]:
+    """Experiment files and modules a test writes under its tmp_path are forgotten after it (sys.path, sys.modules)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]

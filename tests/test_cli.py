@@ -176,6 +176,9 @@ def test_train_then_sample_end_to_end(tmp_path, capsys):
     assert "trained to step 2" in out and "validation loss" in out and "unigram entropy" in out
     assert "sample (temperature 0.7" in out
     assert (run / "run.json").exists() and (run / "checkpoints" / "2").is_dir()
+    show = ["configs", "show", "tiny", f"--trainer_dir={run}", "--mesh_selector=cpu", *(f"--set={s}" for s in small)]
+    assert main(show) == 0
+    assert capsys.readouterr().out == (run / "config.txt").read_text()  # What trained, byte for byte.
 
     assert main(["sample", f"--trainer_dir={run}", "--prompt=The module", "--max_new_tokens=4", "--num_samples=2"]) == 0
     samples = capsys.readouterr().out.strip().splitlines()

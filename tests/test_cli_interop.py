@@ -16,11 +16,11 @@ from test_cli import fails_in_one_line, snapshot
 from test_interop import BAD_INPUTS
 
 from axmini.cli import main
-from axmini.cli.common import read_run_file, run_config
-from axmini.interop.runs import restore_params
+from axmini.cli.common import read_only_checkpointer, read_run
 from axmini.interop.safetensors import TensorIndex
 from axmini.lora import ADAPTER_PATTERN
 from axmini.trainer import corpus
+from axmini.trainer.inference import load_model
 
 SMALL = ["input.sequence_length=32", "evaluator.input.sequence_length=32", "evaluator.num_batches=1"]
 SMALL += ["progress_bar=False", "input.global_batch_size=8"]
@@ -127,8 +127,8 @@ def test_init_from_a_converted_dir_starts_from_its_weights(converted, sentencepi
 
 def _params(trainer_dir):
     """{path: array} of the parameters in the latest checkpoint of `trainer_dir`."""
-    trainer = run_config(str(trainer_dir), read_run_file(str(trainer_dir))).set(progress_bar=False).instantiate()
-    params = restore_params(trainer, trainer.config.checkpointer.dir)["params"]
+    cfg = read_run(str(trainer_dir), (), None)
+    params = nnx.state(load_model(cfg, read_only_checkpointer(cfg, str(trainer_dir))).model, nnx.Param)
     return {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
 
 
@@ -153,6 +153,30 @@ def test_lora_fine_tune_of_an_imported_model_trains_adapters_on_its_frozen_weigh
     sample = ["sample", f"--trainer_dir={converted}", "--prompt=The", "--max_new_tokens=3", f"--adapter={adapter}"]
     assert main(sample) == 0
     assert capsys.readouterr().out.startswith(f"[adapter {adapter}] The")
+
+
+def test_fine_tune_of_an_imported_model_on_files_tokenizes_them_with_the_models_tokenizer(
+    converted, tokenizer_json_dir, tmp_path, capsys
+):
+    lines = corpus.prepare_corpus().train.read_text().splitlines()[:300]
+    (tmp_path / "train").mkdir()
+    for i in range(2):
+        (tmp_path / "train" / f"{i}.txt").write_text("\n".join(lines[i * 100 : (i + 1) * 100]) + "\n")
+    (tmp_path / "valid.txt").write_text("\n".join(lines[200:]) + "\n")
+    data = [f"--data={tmp_path / 'train' / '*.txt'}", f"--validation_data={tmp_path / 'valid.txt'}"]
+    run = tmp_path / "run"
+    argv = ["train", "--config=finetune", f"--init_from={converted}", *data, f"--trainer_dir={run}", "--sample_prompt="]
+    assert main([*argv, *(f"--set={s}" for s in [*SMALL, "max_step=2"])]) == 0
+    assert not (run / "vocab.model").exists()  # No vocabulary trained for the files: the model's own reads them.
+    assert f"input.task.vocab: '{converted / 'model' / 'tokenizer.model'}'" in (run / "config.txt").read_text()
+    capsys.readouterr()
+    assert main(["eval", f"--trainer_dir={run}"]) == 0  # The resumed config: the run's copy of the tokenizer.
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["step"] == 2 and result["tokens"] > 0 and np.isfinite(result["loss"])
+    other = tmp_path / "other"
+    argv = ["train", "--config=finetune", f"--init_from=hf:{tokenizer_json_dir}", *data, f"--trainer_dir={other}"]
+    fails_in_one_line(capsys, argv, "--data", "tokenizer.model", "--vocab")
+    assert not other.exists()
 
 
 def test_init_from_a_hugging_face_dir_without_its_model_is_a_one_line_error(sentencepiece_dir, tmp_path, capsys):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from axmini.config import ConfigValueError, replace_config
+from axmini.experiments.decoders import DecoderShape, decoder_config
 from axmini.layers.decoder import Decoder
 from axmini.module import capture_aux
 from axmini.pruning.distillation import Distillation, TeacherWeight, distilled
@@ -18,10 +19,10 @@ from axmini.pruning.enlarge_and_prune import EnlargeAndPruneTrainer
 from axmini.pruning.structured import ModelShape, TargetShape, model_shape
 from axmini.qat import QATModifier
 from axmini.trainer.evaluator import Evaluator
+from axmini.trainer.finalize import finalize
 from axmini.trainer.input import SyntheticInput
 from axmini.trainer.learner import warmup_decay_schedule
 from axmini.trainer.trainer import Trainer
-from experiments.decoders import DecoderShape, decoder_config
 
 ENLARGED = DecoderShape(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, hidden_dim=64)
 
@@ -57,7 +58,7 @@ def test_run_reaches_the_target_under_one_schedule_with_distillation_and_resumes
     distillation = Distillation(weight=0.5, temperature=2.0)
     cfg = pipeline(tmp_path, target=target, prune_steps=[3, 5], max_step=7, distillation=distillation)
     one_device = jax.devices()[:1]  # Sharded training is the trainer's tests' business; this one is about stages.
-    trainer = cfg.instantiate(devices=one_device)
+    trainer = finalize(cfg).instantiate(devices=one_device)
     result = trainer.run()
 
     assert [(s.start, s.end) for s in trainer.stages] == [(0, 3), (3, 5), (5, 7)]
@@ -81,13 +82,13 @@ def test_run_reaches_the_target_under_one_schedule_with_distillation_and_resumes
     for checkpoint in (tmp_path / "checkpoints").iterdir():
         if checkpoint.is_dir() and checkpoint.name != "5":
             shutil.rmtree(checkpoint)
-    resumed = cfg.instantiate(devices=one_device).run()
+    resumed = finalize(cfg).instantiate(devices=one_device).run()
     assert sorted(resumed.losses) == [6, 7] and {s: result.losses[s] for s in (6, 7)} == resumed.losses
     jax.tree.map(np.testing.assert_array_equal, resumed.state["params"], result.state["params"])
 
 
 def test_pruning_slices_the_optimizer_statistics_like_the_parameters(tmp_path):
-    trainer = pipeline(tmp_path, target=TargetShape(hidden_dim=40), prune_steps=[3], max_step=4).instantiate()
+    trainer = finalize(pipeline(tmp_path, target=TargetShape(hidden_dim=40), prune_steps=[3], max_step=4)).instantiate()
     trainer.run()
     before = trainer.stages[0].trainer.restore_or_init()  # Step 3, the enlarged model.
     pruned = trainer.stages[1].trainer
@@ -114,10 +115,10 @@ def test_pruning_slices_the_optimizer_statistics_like_the_parameters(tmp_path):
 def test_a_run_with_init_from_starts_the_enlarged_model_from_a_trained_run(tmp_path):
     """Trainer's init_from (the one warm-start mechanism) starts the first stage; pruned stages start from the
     pruned state, not from init_from."""
-    base = plain(tmp_path / "base", max_step=2).instantiate(devices=jax.devices()[:1])
+    base = finalize(plain(tmp_path / "base", max_step=2)).instantiate(devices=jax.devices()[:1])
     trained = base.run().state["params"]
     cfg = pipeline(tmp_path / "run", target=TargetShape(hidden_dim=40), prune_steps=[1], max_step=2)
-    trainer = cfg.set(init_from=str(tmp_path / "base")).instantiate(devices=jax.devices()[:1])
+    trainer = finalize(cfg.set(init_from=str(tmp_path / "base"))).instantiate(devices=jax.devices()[:1])
     trainer.run()
     first = trainer.stages[0].trainer
     start = first.config.checkpointer.instantiate(read_only=True).restore(0, first.abstract_state).state
@@ -164,7 +165,7 @@ def test_distillation_loss_is_the_softened_kl_and_the_teacher_is_not_trained():
 def test_bad_pruning_settings_are_refused_before_anything_is_written(tmp_path, change, message):
     cfg = pipeline(tmp_path / "run", target=TargetShape(hidden_dim=32), prune_steps=[3], max_step=6).set(**change)
     with pytest.raises(ConfigValueError, match=message):
-        cfg.instantiate()
+        finalize(cfg).instantiate()
     assert not (tmp_path / "run").exists()
 
 

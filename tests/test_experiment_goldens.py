@@ -5,7 +5,7 @@ import pathlib
 import pytest
 from golden_files import check_golden
 
-import experiments
+from axmini import experiments
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / "golden" / "experiments"
 

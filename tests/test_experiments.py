@@ -2,8 +2,8 @@
 
 import pytest
 
-import experiments
-from experiments import decoders, lm
+from axmini import experiments
+from axmini.experiments import decoders, lm
 
 
 def test_every_model_is_an_experiment_with_its_own_schedule():

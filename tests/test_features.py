@@ -11,10 +11,10 @@ import pytest
 
 import axmini.features
 from axmini.config import find_configs, map_configs
+from axmini.experiments.decoders import tiny_decoder
 from axmini.features import FEATURES
 from axmini.layers.attention import Attention
 from axmini.layers.position import RoPEProjection
-from experiments.decoders import tiny_decoder
 
 # Expert-choice routing sees the whole sequence: every causal decoder refuses it (a correct refusal).
 REFUSED_BY_CAUSAL_DECODERS = {"moe_expert_choice"}

@@ -13,8 +13,8 @@ import sentencepiece as spm
 
 from axmini import guided
 from axmini.decoding import generate
+from axmini.experiments.lm import tiny
 from axmini.trainer import corpus
-from experiments.lm import tiny
 
 SCHEMAS = {
     "person": {

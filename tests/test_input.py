@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from axmini.trainer import corpus
-from axmini.trainer.input import InputSharding, SeqioInput, SyntheticInput, register_text_task
+from axmini.trainer.data import register_text_task
+from axmini.trainer.input import InputSharding, SeqioInput, SyntheticInput
 
 SEQIO_TEST_VOCAB = pathlib.Path(__import__("seqio").__file__).parent / "test_data/sentencepiece/sentencepiece.model"
 LENGTH = 16

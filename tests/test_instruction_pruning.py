@@ -11,13 +11,13 @@ import pytest
 
 from axmini.config import ConfigValueError, map_configs
 from axmini.decoding import generate
+from axmini.experiments.decoders import DecoderShape, decoder_config
 from axmini.layers.moe import MoE, MoEModifier
 from axmini.layers.norm import RMSNorm
 from axmini.layers.transformer import KVSharingModifier, TransformerLayer, to_pattern_stack
 from axmini.lora import LoRA, LoRAModifier
 from axmini.pruning.instruction import InstructionPrunedLayer, InstructionPruningModifier
 from axmini.qat import QATModifier
-from experiments.decoders import DecoderShape, decoder_config
 
 V, D, L, F = 64, 32, 2, 64
 PROMPT = 4

@@ -144,7 +144,7 @@ def test_import_onto_a_mesh_shards_parameters_and_keeps_logits(hf_dirs):
 
 
 def test_axmini_model_exports_as_llama_with_the_same_logits(tmp_path):
-    import experiments
+    from axmini import experiments
     from axmini.interop.params import abstract_params
 
     cfg = experiments.get("tiny_decoder").model
@@ -159,7 +159,7 @@ def test_axmini_model_exports_as_llama_with_the_same_logits(tmp_path):
 
 
 def test_export_refuses_a_model_no_family_expresses_naming_the_config_path(tmp_path):
-    import experiments
+    from axmini import experiments
 
     cfg = experiments.get("tiny_rattention").model
     message = r"model\.stack\.layer\.self_attention\.klass=axmini\.layers\.rattention\.RAttention cannot be expressed"

@@ -24,10 +24,11 @@ from typing import Any
 import pydantic
 import pytest
 import yaml
+from kubeflow_trainer_api.models.io_k8s_api_core_v1_config_map import IoK8sApiCoreV1ConfigMap
 from kubeflow_trainer_api.models.jobset_v1alpha2_job_set import JobsetV1alpha2JobSet
 from test_launch_render import CASES, GOLDEN, NASTY, _spec, kubernetes_expand
 
-from axmini.launch.render import jobset, xpk_argv
+from axmini.launch.render import experiment_configmap, jobset, xpk_argv
 from axmini.launch.spec import train_command, validate, xpk_tpu_type
 from axmini.mesh_rules import TPU_GENERATIONS, instance_type, tpu_instance_types
 
@@ -254,3 +255,13 @@ def test_what_axmini_refuses_for_xpk_would_break_xpks_manifest(xpk_wheel: Path) 
         except yaml.YAMLError:
             continue
         assert _container_env(container)["NOTE"] != value, what
+
+
+def test_a_jobset_that_carries_an_experiment_file_fits_the_api_models(tmp_path: Path, user_modules: None) -> None:
+    local = tmp_path / "my_exps.py"
+    local.write_text("from axmini.experiments.lm import tiny\n\n\ndef small():\n    return tiny()\n")
+    spec = _spec(instance_type="tpu-v6e-8", command=["axmini", "train", f"--config={local}:small"])
+    configmap = experiment_configmap(spec)
+    assert configmap is not None and jobset_api_violation(jobset(spec)) is None
+    kept = IoK8sApiCoreV1ConfigMap.from_dict(configmap).to_dict()
+    assert _first_difference(configmap, kept) is None

@@ -11,12 +11,14 @@ import pytest
 import yaml
 from golden_files import check_golden
 
-import experiments
-from axmini.config import ConfigBase, ConfigTypeError
+from axmini import experiments
+from axmini.config import ConfigTypeError
+from axmini.experiments.lm import tiny
 from axmini.launch import launcher
 from axmini.launch.render import gcloud_script, jobset, jobset_yaml, render, xpk_argv, xpk_command
 from axmini.launch.spec import LaunchSpec, LaunchSpecError, check, train_command, validate
 from axmini.mesh_rules import MeshRule
+from axmini.trainer.trainer import Trainer
 
 GOLDEN = Path(__file__).parent / "golden" / "launch"
 IMAGE = "us-docker.pkg.dev/my-proj/axmini/axmini:2026.11"
@@ -244,12 +246,8 @@ def test_mesh_that_does_not_cover_the_chips_is_refused() -> None:
     assert validate(_spec(instance_type="tpu-v5p-128"), "jobset", mesh_rules=rules) == []
 
 
-class _TrainerLike(ConfigBase):
-    mesh_rules: list[MeshRule] = []
-
-
-def _model_16_experiment() -> _TrainerLike:
-    return _TrainerLike(mesh_rules=[MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1, "model": 16})])
+def _model_16_experiment() -> Trainer.Config:
+    return tiny().set(mesh_rules=[MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1, "model": 16})])
 
 
 def test_mesh_rules_come_from_the_named_experiment_and_its_overrides() -> None:
@@ -264,7 +262,7 @@ def test_mesh_rules_come_from_the_named_experiment_and_its_overrides() -> None:
     assert "256 devices" in error
     bad_set = fits.clone(command=[*fits.command, "--set=mesh_rulez=1"])
     (error,) = validate(bad_set, "jobset")
-    assert "mesh_rulez" in error and "did you mean 'mesh_rules'" in error
+    assert "mesh_rulez" in error and "did you mean 'mesh_rule' or 'mesh_rules'" in error
     unknown = fits.clone(command=["axmini", "train", "--experiment", "no-such-experiment"])
     (error,) = validate(unknown, "jobset")
     assert "unknown experiment 'no-such-experiment'" in error
@@ -432,3 +430,67 @@ def test_train_subcommand_after_double_dash_is_not_doubled(
     monkeypatch.setattr(launcher, "run_local", lambda command, **kw: commands.append(command) or 0)
     assert launcher.main(["local", "--", *train_args, "--trainer.max_step=3"]) == 0
     assert commands[0][-3:] == ["axmini.cli", "train", "--trainer.max_step=3"]
+
+
+EXPERIMENT_FILE = '''"""A user's experiment: tiny, with $(NOT_EXPANDED), 'quotes' and "more" arriving verbatim."""
+from axmini.experiments.lm import tiny
+
+
+def small():
+    return tiny().set(max_step=7)
+'''
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_an_experiment_file_travels_with_the_job_in_every_rendering(tmp_path: Path, user_modules: None) -> None:
+    local = tmp_path / "my_exps.py"
+    local.write_text(EXPERIMENT_FILE)
+    spec = _spec(instance_type="tpu-v6e-8", command=["axmini", "train", f"--config={local}:small"])
+    assert validate(spec, "jobset") == []  # The mesh check loaded the experiment from the local file.
+    in_job = "/tmp/axmini/experiment/my_exps.py"
+    assert train_command(spec)[2] == f"--config={in_job}:small"
+
+    def written_by(shell_text: str) -> str:
+        """What running the part before `axmini train` writes, with the job's dir moved under tmp_path."""
+        job = tmp_path / "job"
+        setup = shell_text.split(" && axmini train")[0].split(" && sudo docker")[0]
+        subprocess.run([BASH, "-c", setup.replace("/tmp/axmini/experiment", str(job))], check=True)
+        return (job / "my_exps.py").read_text()
+
+    # JobSet: a ConfigMap holding the file, mounted where the command reads it.
+    text = jobset_yaml(spec)
+    assert text.startswith(f"# The experiment file {local} travels with the job: in the ConfigMap llm-run-experiment")
+    configmap, manifest = yaml.safe_load_all(text)
+    assert configmap["kind"] == "ConfigMap" and configmap["data"] == {"my_exps.py": EXPERIMENT_FILE}
+    pod = _pod(manifest)
+    (container,) = pod["containers"]
+    assert pod["volumes"] == [{"name": "experiment", "configMap": {"name": configmap["metadata"]["name"]}}]
+    assert container["volumeMounts"] == [
+        {"name": "experiment", "mountPath": "/tmp/axmini/experiment", "readOnly": True}
+    ]
+    assert container["command"][2] == f"--config={in_job}:small"
+    # xpk: --command writes the file first (through Kubernetes' expansion and the container's shell).
+    xpk = xpk_command(spec.clone(cluster="c"))
+    assert xpk.startswith(f"# The experiment file {local} travels with the job: --command writes it")
+    command = kubernetes_expand(_flags(_bash_words(xpk.split("\n", 1)[1].replace("\\\n", " ")))["--command"], {})
+    assert written_by(command) == EXPERIMENT_FILE
+    # gcloud: each TPU VM's command writes it, and the container gets it mounted.
+    script = gcloud_script(spec)
+    assert f"# The experiment file {local} travels with the job" in script
+    ssh_line = next(line for line in script.splitlines() if "tpu-vm ssh" in line)
+    remote = _flags(_bash_words(ssh_line.strip().removesuffix("&").replace('"$node"', "NODE")))["--command"]
+    assert written_by(remote.split(" && ", 1)[1]) == EXPERIMENT_FILE  # After the docker credentials.
+    assert "-v /tmp/axmini/experiment:/tmp/axmini/experiment:ro" in remote
+
+
+def test_a_module_experiment_comes_from_the_image_and_a_missing_file_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, user_modules: None
+) -> None:
+    (tmp_path / "my_project_exps.py").write_text(EXPERIMENT_FILE)
+    monkeypatch.chdir(tmp_path)  # Importable here, as it must be in the image.
+    spec = _spec(instance_type="tpu-v6e-8", command=["axmini", "train", "--config=my_project_exps:small"])
+    text = jobset_yaml(spec)
+    assert text.startswith("# The experiment my_project_exps:small is imported in the job: the image must have")
+    assert len(list(yaml.safe_load_all(text))) == 1 and train_command(spec)[2] == "--config=my_project_exps:small"
+    missing = _spec(instance_type="tpu-v6e-8", command=["axmini", "train", f"--config={tmp_path}/gone.py:small"])
+    assert validate(missing, "jobset") == [f"spec.command: the experiment file {tmp_path}/gone.py does not exist"]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from axmini.experiments.decoders import DecoderShape, decoder_config, tiny_decoder
 from axmini.layers.linear import Linear
 from axmini.layers.weight_transform import transformed_weights
 from axmini.lora import (
@@ -21,9 +22,9 @@ from axmini.lora import (
     save_adapter,
     unmerge,
 )
+from axmini.trainer.finalize import finalize
 from axmini.trainer.input import SyntheticInput
 from axmini.trainer.trainer import Trainer
-from experiments.decoders import DecoderShape, decoder_config, tiny_decoder
 
 IDS = jnp.asarray(np.arange(24).reshape(3, 8) % 61)
 
@@ -98,13 +99,13 @@ def _trainer(tmp_path, name, max_step, **kw):
 def lora_run(tmp_path_factory):
     """A base run (3 steps), then a LoRA fine-tune of it (3 steps) started with `init_from`."""
     tmp_path = tmp_path_factory.mktemp("lora")
-    base = _trainer(tmp_path, "base", 3).instantiate().run()
+    base = finalize(_trainer(tmp_path, "base", 3)).instantiate().run()
     cfg = (
         LoRAModifier.default_config()
         .set(rank=4)
         .instantiate()(_trainer(tmp_path, "lora", 3, init_from=str(tmp_path / "base")))
     )
-    trainer = cfg.instantiate()
+    trainer = finalize(cfg).instantiate()
     return base, trainer, trainer.run()
 
 
@@ -139,7 +140,7 @@ def test_adapters_save_apart_from_the_base_and_several_attach_to_one_base(lora_r
     size = sum(f.stat().st_size for f in (tmp_path / "a").rglob("*") if f.is_file())
     base_size = sum(np.asarray(x).nbytes for x in jax.tree.leaves(base.state["params"]))
     assert size < base_size  # The item holds the adapters only.
-    base_model = _trainer(tmp_path, "x", 1).instantiate().model(base.state)
+    base_model = finalize(_trainer(tmp_path, "x", 1)).instantiate().model(base.state)
     outputs = {}
     for name, model in (("a", tuned), ("b", other)):
         adapter = load_adapter(tmp_path / name)

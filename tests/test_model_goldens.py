@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import pytest
 from golden_files import check_golden, param_shapes_text
 
+from axmini.experiments.decoders import MODELS, afm_on_device, afm_on_device_global_local, llama_decoder, tiny_decoder
 from axmini.layers.transformer import PatternStack
 from axmini.module import build_abstract, count_params
-from experiments.decoders import MODELS, afm_on_device, afm_on_device_global_local, llama_decoder, tiny_decoder
 
 GOLDEN = Path(__file__).parent / "golden" / "models"
 

@@ -9,13 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from axmini.experiments.decoders import pt_moe_large, pt_moe_tiny
 from axmini.layers.attention import Attention
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.moe import MoE, MoEModifier, TopKGating
 from axmini.layers.pt_moe import ParallelTrackStack, TrackReduction
 from axmini.layers.transformer import PatternStack, RepeatedStack, TransformerLayer
 from axmini.module import build_abstract, build_sharded, capture_aux, count_params, sharding_context
-from experiments.decoders import pt_moe_large, pt_moe_tiny
 
 D, F, E = 8, 16, 4
 

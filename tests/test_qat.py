@@ -9,6 +9,8 @@ import pytest
 import sentencepiece as spm
 
 from axmini.decoding import generate
+from axmini.experiments.decoders import tiny_decoder
+from axmini.experiments.lm import tiny
 from axmini.layers.weight_transform import refresh_weight_transforms, transformed_weights
 from axmini.qat import (
     CLIP_RATIOS,
@@ -21,8 +23,6 @@ from axmini.qat import (
     pack_codes,
     unpack_codes,
 )
-from experiments.decoders import tiny_decoder
-from experiments.lm import tiny
 
 
 def reference_fake_quantize(w, scale, bits):

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from axmini.config import ConfigValueError, find_configs
+from axmini.experiments.decoders import rattention_variant
 from axmini.layers.attention import KV, Attention, KVCache, QueryOnlyProjection
 from axmini.layers.decoder import Decoder
 from axmini.layers.feed_forward import FeedForward
@@ -23,7 +24,6 @@ from axmini.layers.rattention import (
 )
 from axmini.layers.transformer import PatternStack, RepeatedStack, TransformerLayer
 from axmini.module import build_sharded, sharding_context
-from experiments.decoders import rattention_variant
 
 D, H, K, DH = 16, 4, 2, 8
 THETA = 100.0

@@ -24,7 +24,7 @@ def toy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[int, int]
     Returns the grid sizes the report asked for."""
     asked = []
 
-    def families(n: int, m: int):
+    def families(n: int, m: int, experiments=()):
         asked.append((n, m))
         return [(toy_family(n, m, forward=False), grid_sizes(n, m)), (toy_experiments(), [(1, 1), (2, 1), (3, 1)])]
 

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 from axmini.config import ConfigValueError, map_configs
+from axmini.experiments.decoders import DecoderShape, decoder_config
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.norm import LayerNorm
 from axmini.layers.transformer import GlobalLocalModifier, TransformerLayer
@@ -18,7 +19,6 @@ from axmini.pruning import structured
 from axmini.pruning.calibration import flat
 from axmini.pruning.structured import Criterion, TargetShape, Unit, importance, model_shape, prune
 from axmini.qat import QATModifier
-from experiments.decoders import DecoderShape, decoder_config
 
 V, D, L, H, K, F = 64, 32, 3, 4, 2, 48
 DH = D // H

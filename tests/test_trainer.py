@@ -17,14 +17,16 @@ import optax
 import pytest
 
 from axmini.config import REQUIRED, ConfigModifier, Required, config_for_function
+from axmini.experiments.decoders import DecoderShape, decoder_config
 from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
 from axmini.mesh_rules import MeshRule
 from axmini.module import Layer
+from axmini.trainer.data import register_text_task
 from axmini.trainer.evaluator import unigram_entropy
-from axmini.trainer.input import SeqioInput, SyntheticInput, register_text_task
+from axmini.trainer.finalize import finalize
+from axmini.trainer.input import SeqioInput, SyntheticInput
 from axmini.trainer.trainer import Trainer
-from experiments.decoders import DecoderShape, decoder_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = DecoderShape(
@@ -48,6 +50,11 @@ def docs_task(tmp_path_factory):
     return "axmini_trainer_docs"
 
 
+def build(cfg, **kw):
+    """The Trainer of `cfg` finalized for the hardware here (what `axmini train` builds)."""
+    return finalize(cfg).instantiate(**kw)
+
+
 def decoder_trainer(tmp_path, max_step, *, input_cfg=None, mesh_shape=None, **kw):
     cfg = Trainer.default_config().set(
         dir=str(tmp_path),
@@ -66,11 +73,11 @@ def decoder_trainer(tmp_path, max_step, *, input_cfg=None, mesh_shape=None, **kw
 
 def test_resume_matches_uninterrupted(tmp_path, docs_task):
     data = SeqioInput.default_config().set(task=docs_task, global_batch_size=8, sequence_length=16, seed=1)
-    straight = decoder_trainer(tmp_path / "straight", 5, input_cfg=data).instantiate().run()
+    straight = build(decoder_trainer(tmp_path / "straight", 5, input_cfg=data)).run()
 
     interrupted = decoder_trainer(tmp_path / "resumed", 3, input_cfg=data)
-    first = interrupted.instantiate().run()  # Saves at its max_step (3), like a job stopped there.
-    resumed = interrupted.clone(max_step=5).instantiate().run()  # A fresh trainer: restores step 3 and the data.
+    first = build(interrupted).run()  # Saves at its max_step (3), like a job stopped there.
+    resumed = build(interrupted.clone(max_step=5)).run()  # A fresh trainer: restores step 3 and the data.
 
     assert list(first.losses) == [1, 2, 3] and list(resumed.losses) == [4, 5]
     assert {**first.losses, **resumed.losses} == straight.losses  # Bit-identical.
@@ -79,8 +86,8 @@ def test_resume_matches_uninterrupted(tmp_path, docs_task):
 
 
 def test_sharded_matches_single_device(tmp_path):
-    one = decoder_trainer(tmp_path / "one", 4, mesh_shape={"fsdp": -1}).instantiate(devices=jax.devices()[:1])
-    many = decoder_trainer(tmp_path / "many", 3, mesh_shape={"fsdp": 4, "model": 2}).instantiate()
+    one = build(decoder_trainer(tmp_path / "one", 4, mesh_shape={"fsdp": -1}), devices=jax.devices()[:1])
+    many = build(decoder_trainer(tmp_path / "many", 3, mesh_shape={"fsdp": 4, "model": 2}))
     assert one.mesh.size == 1 and dict(many.mesh.shape)["model"] == 2
     a, b = one.run(), many.run()
     np.testing.assert_allclose([a.losses[s] for s in (1, 2, 3)], list(b.losses.values()), rtol=2e-5, atol=1e-6)
@@ -91,7 +98,7 @@ def test_sharded_matches_single_device(tmp_path):
 
     # The 8-device checkpoint of step 3 resumes on another mesh: 4 devices, fsdp=2 x model=2.
     four = decoder_trainer(tmp_path / "many", 4, mesh_shape={"fsdp": 2, "model": 2})
-    c = four.instantiate(devices=jax.devices()[:4]).run()
+    c = build(four, devices=jax.devices()[:4]).run()
     assert list(c.losses) == [4]
     assert c.losses[4] == pytest.approx(a.losses[4], rel=2e-5, abs=1e-7)
 
@@ -134,7 +141,7 @@ def toy_trainer(tmp_path, **kw):
 
 
 def first_step(cfg):
-    trainer = cfg.instantiate()
+    trainer = build(cfg)
     state = trainer.init_state()
     before = jax.device_get(state["params"]["hidden"]["weight"][...])
     batch = trainer.global_batch(next(trainer.input.batches(0)))
@@ -173,7 +180,7 @@ def test_evaluation_and_summaries(tmp_path):
     eval_input = SyntheticInput.default_config().set(vocab_size=64, global_batch_size=8, sequence_length=16, seed=7)
     cfg = decoder_trainer(tmp_path, 2, mesh_selector="gpu-h100-8")  # Known peak FLOP/s: MFU is logged.
     cfg.evaluator.set(input=eval_input, num_batches=2, every_n_steps=2)
-    trainer = cfg.instantiate()
+    trainer = build(cfg)
     result = trainer.run()
 
     batches = [next(eval_input.instantiate().batches(i)) for i in range(2)]
@@ -214,7 +221,7 @@ def test_mesh_rule_modifiers_rewrite_the_config(tmp_path):
         MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1}),
         MeshRule(pattern="cpu", mesh_shape={"fsdp": 2, "data": -1}, modifiers=[SetMicrobatches.default_config()]),
     ]
-    trainer = cfg.instantiate()
+    trainer = build(cfg)
     assert trainer.config.microbatches == 2 and cfg.microbatches == 1
     assert dict(trainer.mesh.shape)["data"] == 4
     assert trainer.config.checkpointer.dir == str(tmp_path / "checkpoints")
@@ -222,29 +229,48 @@ def test_mesh_rule_modifiers_rewrite_the_config(tmp_path):
 
 def test_build_time_refusals_name_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"input.global_batch_size=6 must be a multiple of.*8 batch shards.*'cpu'"):
-        toy_trainer(
-            tmp_path, input=SyntheticInput.default_config().set(vocab_size=32, global_batch_size=6, sequence_length=4)
-        ).instantiate()
+        build(
+            toy_trainer(
+                tmp_path,
+                input=SyntheticInput.default_config().set(vocab_size=32, global_batch_size=6, sequence_length=4),
+            )
+        )
     with pytest.raises(ValueError, match=r"model.vocab_size=32 is smaller than the input's vocabulary \(40 ids"):
-        toy_trainer(
-            tmp_path, input=SyntheticInput.default_config().set(vocab_size=40, global_batch_size=8, sequence_length=4)
-        ).instantiate()
+        build(
+            toy_trainer(
+                tmp_path,
+                input=SyntheticInput.default_config().set(vocab_size=40, global_batch_size=8, sequence_length=4),
+            )
+        )
     bad_eval = toy_trainer(tmp_path)
     bad_eval.evaluator.input = SyntheticInput.default_config().set(
         vocab_size=32, global_batch_size=4, sequence_length=4
     )
     with pytest.raises(ValueError, match=r"evaluator.input.global_batch_size=4 must be a multiple of 8"):
-        bad_eval.instantiate()
+        build(bad_eval)
     with pytest.raises(Exception, match=r"required field.*dir"):
-        toy_trainer(tmp_path).set(dir=REQUIRED).instantiate()
+        build(toy_trainer(tmp_path).set(dir=REQUIRED))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_trainer_builds_a_finalized_config_only_and_keeps_it_as_is(tmp_path):
+    cfg = toy_trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"mesh_rule=None: the Trainer builds a finalized config only.*finalize"):
+        cfg.instantiate()
+    finalized = finalize(cfg, "cpu")
+    trainer = finalized.instantiate()
+    assert trainer.config.debug_string() == finalized.debug_string()
+    assert trainer.config.mesh_rule.pattern == "cpu" and trainer.config.mesh_selector == "cpu"
+    with pytest.raises(ValueError, match=r"mesh_rule is set \(to the rule 'cpu'\): the config is finalized already"):
+        finalize(finalized)
 
 
 SIGTERM_SCRIPT = """
 import sys
 from axmini.trainer.input import SyntheticInput
 from axmini.trainer.trainer import Trainer
-from experiments.decoders import DecoderShape, decoder_config
+from axmini.trainer.finalize import finalize
+from axmini.experiments.decoders import DecoderShape, decoder_config
 
 shape = DecoderShape(vocab_size=64, dim=32, num_layers=1, num_heads=4, num_kv_heads=2, hidden_dim=64)
 cfg = Trainer.default_config().set(
@@ -252,7 +278,7 @@ cfg = Trainer.default_config().set(
     input=SyntheticInput.default_config().set(vocab_size=64, global_batch_size=8, sequence_length=16),
 )
 cfg.checkpointer.save_every_n_steps = 1_000_000
-result = cfg.instantiate().run()
+result = finalize(cfg).instantiate().run()
 print("preempted" if result.preempted else "finished", result.step, flush=True)
 sys.exit(143 if result.preempted else 0)
 """

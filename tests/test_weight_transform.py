@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from axmini.config import ConfigValueError, find_configs, map_configs
+from axmini.experiments.decoders import tiny_decoder
 from axmini.features import FEATURES
 from axmini.layers.attention import Attention, FusedQKVProjection
 from axmini.layers.linear import Linear
 from axmini.layers.weight_transform import has_weights, transformed_weights, without_weight_transforms
 from axmini.lora import LoRA, LoRAModifier
 from axmini.qat import QATModifier
-from experiments.decoders import tiny_decoder
 
 
 def _every_layer_kind():

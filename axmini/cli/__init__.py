@@ -1,18 +1,22 @@
-"""The `axmini` command: train, sample, configs, convert, export (one module each here), report, launch.
+"""The `axmini` command: train, sample, eval, configs, convert, export (one module each here), report, launch.
 
-    axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]
-    axmini sample --trainer_dir=DIR --prompt "..."
-    axmini configs list | show NAME [--set ...] | diff A B
-    axmini convert hf DIR --out TRAINER_DIR [--config NAME]     (a Hugging Face model as a trainer dir)
-    axmini export hf TRAINER_DIR --out DIR                      (a run's model as a Hugging Face dir)
+    axmini train --config=EXPERIMENT [--data=GLOB ...] [--feature=NAME ...] [--set path=value ...]
+                 [--trainer_dir=DIR] [--mesh_selector=TYPE] [--init_from=hf:DIR|TRAINER_DIR]
+    axmini sample --trainer_dir=DIR [--prompt "..." | --prompt_file=FILE | < prompts]
+                  [--schema=FILE | --regex=R | --tools=FILE] [--adapter=DIR ... | --quantized]
+    axmini eval --trainer_dir=DIR [--data=GLOB] [--split=validation|train]
+    axmini configs list | show EXPERIMENT [--mesh_selector=TYPE] [--feature ...] [--set ...] | diff A B
+    axmini convert hf DIR --out TRAINER_DIR [--config EXPERIMENT]   (a Hugging Face model as a trainer dir)
+    axmini export hf TRAINER_DIR --out DIR                          (a run's model as a Hugging Face dir)
     axmini report modularity|history  (the modularity reports: axmini.tools.cli)
     axmini launch local|tpu|gpu ...   (multi-process and cluster runs: axmini.launch.launcher)
 
-A command first checks its whole invocation (`prepare`), then runs. Bad input found while preparing (an unknown
-experiment, an unknown --set path, a value of the wrong type or one a layer refuses, an unwritable trainer dir) is
-reported in one line on stderr with exit code 2, before anything is written. Any other exception is a bug: it
-propagates with its traceback (exit code 1). Heavy modules (jax, seqio) are imported inside the commands, so
-`--help` is instant.
+An EXPERIMENT is a built-in name (`axmini configs list`), FILE.py:FUNCTION or MODULE:FUNCTION. A command first
+checks its whole invocation (`prepare`), then runs. Bad input found while preparing (an unknown experiment or a
+file without it, an unknown --set path, a value of the wrong type or one a layer refuses, data that cannot be read,
+an unwritable trainer dir) is reported in one line on stderr with exit code 2, before anything is written. Any other
+exception is a bug: it propagates with its traceback (exit code 1). Heavy modules (jax, seqio) are imported inside
+the commands, so `--help` is instant.
 """
 
 from __future__ import annotations
@@ -22,18 +26,18 @@ import sys
 from collections.abc import Callable, Sequence
 
 from axmini.cli import configs, convert, export, sample, train
+from axmini.cli import eval as eval_command
 from axmini.cli.common import USAGE_ERROR, UsageError
 
-COMMANDS = (train, sample, configs, convert, export)
+COMMANDS = (train, sample, eval_command, configs, convert, export)
 
 
 def _setup_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean 'bad input' while a command is being prepared."""
+    """The exceptions that mean 'bad input' while a command is prepared (an ExperimentError is a ConfigError)."""
     from axmini.config import ConfigError
     from axmini.interop.errors import ConversionError
-    from experiments import UnknownExperimentError
 
-    return (UsageError, ConfigError, UnknownExperimentError, ConversionError)
+    return (UsageError, ConfigError, ConversionError)
 
 
 def _one_line(error: BaseException) -> str:

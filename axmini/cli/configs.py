@@ -1,35 +1,55 @@
-"""`axmini configs list | show NAME [--set ...] | diff A B`: the named experiments and their config text."""
+"""`axmini configs list | show EXPERIMENT | diff A B`: the experiments and their config text.
+
+`show` prints the experiment's config (the golden text of a built-in one); with `--mesh_selector=TYPE` it prints the
+config finalized for that instance type, byte for byte the config.txt of `axmini train` with the same flags. An
+experiment is a built-in name, FILE.py:FUNCTION or MODULE:FUNCTION.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from axmini.cli.common import Runner, UsageError, add_feature_flag, experiment_config
+from axmini.cli.common import (
+    EXPERIMENT_HELP,
+    Runner,
+    UsageError,
+    add_config_args,
+    finalized_config,
+    new_run_record,
+    run_config,
+)
 
 
 def add_parser(commands: Any) -> None:
-    parser = commands.add_parser("configs", help="list, show or diff experiment configs")
+    parser = commands.add_parser(
+        "configs", help="list, show or diff experiment configs", description=__doc__.split("\n\n")[1]
+    )
     parser.add_argument("action", choices=("list", "show", "diff"))
-    parser.add_argument("names", nargs="*", metavar="NAME")
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override (show, diff)")
-    add_feature_flag(parser)
+    parser.add_argument("names", nargs="*", metavar="EXPERIMENT", help=EXPERIMENT_HELP)
+    add_config_args(parser)  # show, diff: with --mesh_selector, the config finalized for that instance type.
     parser.set_defaults(prepare=prepare)
 
 
-def prepare(args: argparse.Namespace) -> Runner:
-    import experiments
+def _config(experiment: str, args: argparse.Namespace) -> Any:
+    if args.mesh_selector:
+        return finalized_config(experiment, args)[0]
+    return run_config(new_run_record(experiment, args), args.trainer_dir)
 
+
+def prepare(args: argparse.Namespace) -> Runner:
+    from axmini import experiments
+
+    wanted = {"list": 0, "show": 1, "diff": 2}[args.action]
+    if len(args.names) != wanted:
+        what = {0: "no experiment name", 1: "one experiment name", 2: "two experiment names"}[wanted]
+        raise UsageError(f"configs {args.action} takes {what}, got {len(args.names)}")
     if args.action == "list":
         text = "\n".join(experiments.names())
     elif args.action == "show":
-        if len(args.names) != 1:
-            raise UsageError(f"configs show takes one experiment name, got {len(args.names)}")
-        text = experiment_config(args.names[0], args.set, features=args.feature).debug_string()
+        text = _config(args.names[0], args).debug_string()
     else:
-        if len(args.names) != 2:
-            raise UsageError(f"configs diff takes two experiment names, got {len(args.names)}")
-        a, b = (_debug_lines(experiment_config(name, args.set, features=args.feature)) for name in args.names)
+        a, b = (_debug_lines(_config(name, args)) for name in args.names)
         lines = []
         for path in [*a, *(p for p in b if p not in a)]:
             old, new = a.get(path), b.get(path)

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from axmini.cli.common import Runner, UsageError, read_run_file, run_config
+from axmini.cli.common import Runner, UsageError, read_only_checkpointer, read_run, read_run_file
 
 
 def add_parser(commands: Any) -> None:
@@ -31,18 +31,19 @@ def prepare(args: argparse.Namespace) -> Runner:
         raise UsageError(f"--max_shard_gb={args.max_shard_gb} must be positive")
     record = read_run_file(args.trainer_dir)
     check_output_dir(args.out)
-    cfg = run_config(args.trainer_dir, record)
-    cfg.set(progress_bar=False)
+    cfg = read_run(args.trainer_dir, (), None)
     model_dir = Path(args.trainer_dir) / record["model_dir"] if record.get("model_dir") else None
     like = read_hf_config(model_dir) if model_dir is not None else None
     choose_family(cfg.model, like.family.architecture if like else None)  # Refuses a model no family expresses.
-    trainer = cfg.instantiate()
+    checkpointer = read_only_checkpointer(cfg, args.trainer_dir)
 
     def run() -> int:
-        from axmini.interop import export_hf
-        from axmini.interop.runs import restore_params
+        import flax.nnx as nnx
 
-        params = restore_params(trainer, trainer.config.checkpointer.dir)["params"]
+        from axmini.interop import export_hf
+        from axmini.trainer.inference import load_model
+
+        params = nnx.state(load_model(cfg, checkpointer).model, nnx.Param)  # The weights only: no optimizer state.
         model = export_hf(
             cfg.model,
             params,

@@ -1,11 +1,13 @@
-"""`axmini train --config=NAME [--feature=NAME ...] [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]
-[--init_from=SRC]`: trains a named experiment, resuming from the latest checkpoint in the trainer dir.
+"""`axmini train --config=EXPERIMENT [--data=GLOB ...] [--feature=NAME ...] [--set path=value ...]
+[--trainer_dir=DIR] [--mesh_selector=TYPE] [--init_from=SRC]`: trains an experiment (built in, or FILE.py:FUNCTION,
+or MODULE:FUNCTION), resuming from the latest checkpoint in the trainer dir.
 
 `--init_from=hf:DIR` (a Hugging Face model dir) or `--init_from=TRAINER_DIR` (a finished or converted run) starts a
 new run from those weights: it sets the trainer's `init_from` (axmini/trainer/warm_start.py; the step-0 checkpoint
 holds them with a fresh optimizer state). A source that carries its own model (an HF dir, or a trainer dir made from
-one) replaces the experiment's model, and its tokenizer the corpus's (axmini.interop.runs); `--feature` (lora, qat...)
-then applies to that model, so a LoRA or QAT fine-tune of a converted model is `--init_from=DIR --feature=lora`.
+one) replaces the experiment's model, and its tokenizer the corpus's (axmini.interop.runs; with --data, the files'
+vocabulary); `--feature` (lora, qat...) then applies to that model, so a LoRA or QAT fine-tune of a converted model
+is `--init_from=DIR --feature=lora`.
 """
 
 from __future__ import annotations
@@ -21,24 +23,24 @@ from typing import Any
 
 from axmini.cli.common import (
     ADAPTER_DIR,
+    EXPERIMENT_HELP,
     QUANTIZED_FILE,
     RUN_FILE,
     Runner,
     UsageError,
-    add_feature_flag,
+    add_config_args,
     check_writable_dir,
-    experiment_config,
+    default_trainer_dir,
+    new_run_record,
+    run_config,
 )
-from axmini.cli.sample import sample_text
+from axmini.cli.sample import sample_texts
 
 
 def add_parser(commands: Any) -> None:
-    parser = commands.add_parser("train", help="train a named experiment", description="Train a named experiment.")
-    parser.add_argument("--config", "--experiment", required=True, help="experiment name (see `axmini configs list`)")
-    parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override a config field")
-    add_feature_flag(parser)
-    parser.add_argument("--trainer_dir", help="run directory (default: runs/<config>); resumes from its checkpoints")
-    parser.add_argument("--mesh_selector", help="instance type (cpu, gpu-h100-8, tpu-v5p-256...); default: detected")
+    parser = commands.add_parser("train", help="train an experiment", description="Train an experiment.")
+    parser.add_argument("--config", "--experiment", required=True, help=EXPERIMENT_HELP)
+    add_config_args(parser)
     parser.add_argument("--sample_prompt", default="The", help="print a sample for this prompt at the end ('': none)")
     parser.add_argument(
         "--init_from", help="start a new run from these weights: hf:DIR (a Hugging Face model dir) or a trainer dir"
@@ -52,44 +54,33 @@ def prepare(args: argparse.Namespace) -> Runner:
     initialize_from_env()  # Before anything touches jax devices.
     import jax
 
-    trainer_dir = args.trainer_dir or str(Path("runs") / args.config)
+    from axmini.trainer.finalize import finalize
+
+    record = new_run_record(args.config, args)
+    trainer_dir = args.trainer_dir or default_trainer_dir(args.config)
     check_writable_dir(trainer_dir)
-    previous = Path(trainer_dir) / RUN_FILE
-    record = json.loads(previous.read_text()) if previous.exists() else {}
-    if record and record.get("config") != args.config:
-        raise UsageError(
-            f"--trainer_dir={trainer_dir} holds a run of experiment {record.get('config')!r}; use another dir"
-        )
-    if record.get("params_only"):
-        raise UsageError(
-            f"--trainer_dir={trainer_dir} holds converted weights without optimizer state; fine-tune them in a new dir "
-            f"with --init_from={trainer_dir} --trainer_dir=NEW_DIR"
-        )
-    if record and record.get("features", []) != args.feature:
-        raise UsageError(
-            f"--trainer_dir={trainer_dir} holds a run with features {record.get('features', [])}, not {args.feature}; "
-            "resume it with the same --feature flags or use another dir"
-        )
-    init_from, model_dir = _init_from(args, trainer_dir, record)
-    cfg = experiment_config(args.config, args.set, trainer_dir, args.feature, model_dir)
+    previous = _previous_record(trainer_dir, record)
+    init_from, model_dir = _init_from(args, trainer_dir, previous)
+    cfg = run_config(record, trainer_dir, model_dir=model_dir)
     if init_from is not None:
         cfg.set(init_from=init_from)
-    if args.mesh_selector:
-        cfg.set(mesh_selector=args.mesh_selector)
+    cfg = finalize(cfg, args.mesh_selector)
     trainer = cfg.instantiate()  # Validates everything (init_from included); writes nothing in the trainer dir.
+    # The last check, and the first write: data from disk without a vocabulary has one trained (or reused).
+    vocabulary = trainer.input.vocabulary()
 
     def run() -> int:
         if jax.process_index() == 0:
             Path(trainer_dir).mkdir(parents=True, exist_ok=True)
-            new_record = {"config": args.config, "overrides": list(args.set), "features": list(args.feature)}
-            if init_from is not None and init_from != record.get("init_from"):
+            new_record = {**previous, **record}
+            if init_from is not None and init_from != previous.get("init_from"):
                 from axmini.interop.runs import MODEL_DIR, copy_model_dir
 
                 has_model = copy_model_dir(init_from, trainer_dir, cfg.model.param_dtype)
                 new_record.update(init_from=init_from, **({"model_dir": MODEL_DIR} if has_model else {}))
-            (Path(trainer_dir) / RUN_FILE).write_text(json.dumps({**record, **new_record}, indent=2) + "\n")
+            (Path(trainer_dir) / RUN_FILE).write_text(json.dumps(new_record, indent=2) + "\n")
             print(
-                f"axmini train: experiment {args.config!r} -> {trainer_dir}; {trainer.num_params:,} parameters; "
+                f"axmini train: experiment {record['config']!r} -> {trainer_dir}; {trainer.num_params:,} parameters; "
                 f"instance {trainer.instance.name}, mesh {dict(trainer.mesh.shape)}",
                 flush=True,
             )
@@ -102,12 +93,12 @@ def prepare(args: argparse.Namespace) -> Runner:
         for line in write_exports(trainer, result.state, trainer_dir, base=init_from):
             if jax.process_index() == 0:
                 print(line)
-        if args.sample_prompt and trainer.input.vocabulary() is not None:  # Every process runs the sharded model.
+        if args.sample_prompt and vocabulary is not None:  # Every process runs the sharded model.
             try:
                 with _sigterm_raises():
-                    text = sample_text(
-                        trainer, result.state, args.sample_prompt, max_new_tokens=64, temperature=0.7, seed=0
-                    )
+                    (text,) = sample_texts(
+                        trainer.model(result.state), vocabulary, [args.sample_prompt], temperature=0.7, seed=0
+                    )[0]
             except _Terminated:
                 print("axmini train: training finished; sample skipped (SIGTERM)", file=sys.stderr)
                 return 0
@@ -116,6 +107,27 @@ def prepare(args: argparse.Namespace) -> Runner:
         return 0
 
     return run
+
+
+def _previous_record(trainer_dir: str, record: dict[str, Any]) -> dict[str, Any]:
+    """The run record already in `trainer_dir` ({} for a new run), refused when this invocation cannot resume it."""
+    path = Path(trainer_dir) / RUN_FILE
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if previous and previous.get("config") != record["config"]:
+        raise UsageError(
+            f"--trainer_dir={trainer_dir} holds a run of experiment {previous.get('config')!r}; use another dir"
+        )
+    if previous.get("params_only"):
+        raise UsageError(
+            f"--trainer_dir={trainer_dir} holds converted weights without optimizer state; fine-tune them in a new dir "
+            f"with --init_from={trainer_dir} --trainer_dir=NEW_DIR"
+        )
+    if previous and previous.get("features", []) != record["features"]:
+        raise UsageError(
+            f"--trainer_dir={trainer_dir} holds a run with features {previous.get('features', [])}, not "
+            f"{record['features']}; resume it with the same --feature flags or use another dir"
+        )
+    return previous
 
 
 def _init_from(args: argparse.Namespace, trainer_dir: str, record: dict[str, Any]) -> tuple[str | None, Path | None]:

@@ -3,9 +3,9 @@
 A trainer dir that holds an imported model keeps its Hugging Face description in `<dir>/model/` (config.json and
 the tokenizer files), so the run's config can always be rebuilt: the named experiment supplies input, schedule and
 learner; `model/config.json` the model (`imported_trainer_config`). Its checkpoints have the trainer's layout;
-`axmini convert hf` writes one holding only the parameters (`params_only_state`), which sampling and exporting read
-with `restore_params`, and `--init_from` (the trainer's `init_from`, axmini/trainer/warm_start.py) with a partial
-restore of its own: neither reads any optimizer state.
+`axmini convert hf` writes one holding only the parameters (`params_only_state`), which sampling, evaluating and
+exporting read as any run's (axmini/trainer/inference.py), and `--init_from` (the trainer's `init_from`,
+axmini/trainer/warm_start.py) with a partial restore of its own: neither reads any optimizer state.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import jax.numpy as jnp
 
 from axmini.config import find_configs, set_path
 from axmini.interop import hf_model_config
-from axmini.interop.errors import ConversionError
 from axmini.interop.files import copy_model_files
 from axmini.interop.hf import CONFIG_FILE, dtype_name
-from axmini.trainer.input import DEFAULT_TASK, SeqioInput
+from axmini.trainer.data import DEFAULT_TASK
+from axmini.trainer.input import SeqioInput
 from axmini.trainer.warm_start import init_source
 
 MODEL_DIR = "model"  # In a trainer dir: the imported model's config.json and tokenizer files.
@@ -64,26 +64,6 @@ def source_model_dir(init_from: str) -> Path | None:
     source = init_source(init_from)
     model_dir = source.path if source.is_hf else source.path.parent / MODEL_DIR
     return model_dir if model_dir.is_dir() else None
-
-
-def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def restore_params(trainer: Any, checkpoints_dir: str | Path) -> dict[str, Any]:
-    """{"params", "rest"} of the latest checkpoint in `checkpoints_dir`, placed on `trainer`'s mesh; any optimizer
-    state in the checkpoint is not read."""
-    checkpointer = trainer.config.checkpointer.clone(dir=str(checkpoints_dir)).instantiate(read_only=True)
-    steps = checkpointer.all_steps()
-    if not steps:
-        raise ConversionError(f"{checkpoints_dir}: no checkpoint to read weights from")
-    keys = ("params", "rest")
-    abstract = {k: abstract_with_shardings(trainer.abstract_state[k], trainer.state_shardings[k]) for k in keys}
-    try:
-        return checkpointer.restore_subtree(steps[-1], abstract)
-    except Exception as e:  # Orbax's errors for a checkpoint of another model: shape or tree mismatch.
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{checkpoints_dir}/{steps[-1]}: its weights do not fit this model ({first})") from None
 
 
 def _zeros_like(abstract: Any) -> Any:

@@ -17,9 +17,10 @@ from typing import Any
 from axmini.config import REQUIRED, Required
 from axmini.interop.errors import ConversionError
 from axmini.trainer import corpus
-from axmini.trainer.input import SeqioInput, _seqio, register_text_task
+from axmini.trainer.data import register_text_task, seqio_module
+from axmini.trainer.input import SeqioInput
 
-seqio = _seqio()  # Before TensorFlow: hides accelerators from it.
+seqio = seqio_module()  # Before TensorFlow: hides accelerators from it.
 import tensorflow as tf  # noqa: E402
 import tokenizers  # noqa: E402
 
@@ -105,8 +106,8 @@ class TokenizedCorpusInput(SeqioInput):
     class Config(SeqioInput.Config):
         model_dir: Required[str] = REQUIRED
 
-    def __init__(self, cfg: Config):
+    @classmethod
+    def register_task(cls, cfg: Config) -> None:
         files = corpus.prepare_corpus()
         split_files = {"train": str(files.train), "validation": str(files.validation)}
         register_text_task(cfg.task, split_files, model_vocabulary(cfg.model_dir))
-        super().__init__(cfg)

@@ -5,10 +5,16 @@ the command as an exec list (no shell); the xpk and gcloud renderings pass it th
 there is quoted with `shlex` (twice where a command travels inside another command's argument). Kubernetes expands
 `$(VAR)` in a container's command and env values (`$$` is a `$`), so every user value that reaches a pod spec, ours
 or the one xpk writes, has its `$` doubled and arrives verbatim.
+
+An experiment given by file (`--config=my/exps.py:fn`) travels with the job, and each rendering says how in a
+comment: in a ConfigMap mounted into the JobSet's pods; written from base64 by the xpk command, and by each TPU VM's
+command in the gcloud script (then mounted into its container). One given by module must be installed in the image.
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import shlex
 from typing import Any
 
@@ -16,10 +22,13 @@ import yaml
 
 from axmini.launch import distributed
 from axmini.launch.spec import (
+    JOB_EXPERIMENT_DIR,
     REPLICATED_JOB,
     XPK_GPU_DEVICES,
     LaunchSpec,
     check,
+    experiment_ref,
+    job_experiment_file,
     jobset_layout,
     num_processes,
     train_command,
@@ -43,6 +52,43 @@ _RUNTIME_VERSIONS = {  # default TPU VM software, per generation
     "v5e": "v2-alpha-tpuv5-lite",
     "v6e": "v2-alpha-tpuv6e",
 }
+
+
+def _experiment_file(spec: LaunchSpec) -> str | None:
+    """The local experiment file that travels with the job (None: the experiment is built in or in the image)."""
+    ref = experiment_ref(spec)
+    return ref.file if ref is not None else None
+
+
+def _experiment_note(spec: LaunchSpec, how: str) -> str:
+    """Comment lines saying how the experiment reaches the job ('' for a built-in one)."""
+    ref = experiment_ref(spec)
+    if ref is None or ref.is_builtin:
+        return ""
+    if ref.file is None:
+        return f"# The experiment {ref} is imported in the job: the image must have module {ref.module} installed.\n"
+    return f"# The experiment file {ref.file} travels with the job: {how} {job_experiment_file(ref.file)}.\n"
+
+
+def _write_experiment_file(spec: LaunchSpec) -> str:
+    """Shell text that writes the experiment file at its path in the job (from base64: no quoting to get wrong)."""
+    local = _experiment_file(spec)
+    assert local is not None
+    with open(local, "rb") as f:
+        encoded = base64.b64encode(f.read()).decode()
+    mkdir = shlex.join(["mkdir", "-p", JOB_EXPERIMENT_DIR])
+    return f"{mkdir} && printf %s {encoded} | base64 -d > {shlex.quote(job_experiment_file(local))}"
+
+
+def experiment_configmap(spec: LaunchSpec) -> dict[str, Any] | None:
+    """The ConfigMap that carries an experiment file into a JobSet's pods (None when no file travels)."""
+    local = _experiment_file(spec)
+    if local is None:
+        return None
+    with open(local, encoding="utf-8") as f:
+        data = {os.path.basename(local): f.read()}
+    metadata = {"name": f"{spec.name}-experiment", "namespace": spec.namespace}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
 
 
 def kubernetes_literal(text: str) -> str:
@@ -103,15 +149,18 @@ def jobset(spec: LaunchSpec) -> dict[str, Any]:
         pod_spec["tolerations"] = tolerations
     if instance.platform == "tpu":  # DCN traffic between slices goes over the host network.
         pod_spec.update(hostNetwork=True, dnsPolicy="ClusterFirstWithHostNet")
-    pod_spec["containers"] = [
-        {
-            "name": "train",
-            "image": spec.image,
-            "command": [kubernetes_literal(arg) for arg in train_command(spec)],
-            "env": _pod_env(spec, instance),
-            "resources": {"limits": limits},
-        }
-    ]
+    container = {
+        "name": "train",
+        "image": spec.image,
+        "command": [kubernetes_literal(arg) for arg in train_command(spec)],
+        "env": _pod_env(spec, instance),
+        "resources": {"limits": limits},
+    }
+    configmap = experiment_configmap(spec)
+    if configmap is not None:
+        pod_spec["volumes"] = [{"name": "experiment", "configMap": {"name": configmap["metadata"]["name"]}}]
+        container["volumeMounts"] = [{"name": "experiment", "mountPath": JOB_EXPERIMENT_DIR, "readOnly": True}]
+    pod_spec["containers"] = [container]
     metadata: dict[str, Any] = {"name": spec.name, "namespace": spec.namespace}
     if spec.queue:
         metadata["labels"] = {"kueue.x-k8s.io/queue-name": spec.queue}
@@ -145,8 +194,11 @@ def jobset(spec: LaunchSpec) -> dict[str, Any]:
 
 
 def jobset_yaml(spec: LaunchSpec) -> str:
-    """The JobSet as YAML, for `kubectl apply -f -`."""
-    return yaml.safe_dump(jobset(spec), sort_keys=False, default_flow_style=False, width=1000)
+    """The JobSet as YAML, for `kubectl apply -f -` (after the ConfigMap of an experiment file, if one travels)."""
+    documents = [d for d in (experiment_configmap(spec), jobset(spec)) if d is not None]
+    text = "---\n".join(yaml.safe_dump(d, sort_keys=False, default_flow_style=False, width=1000) for d in documents)
+    configmap = f"in the ConfigMap {spec.name}-experiment, mounted read-only at"
+    return _experiment_note(spec, configmap) + text
 
 
 def xpk_argv(spec: LaunchSpec) -> list[str]:
@@ -160,7 +212,10 @@ def xpk_argv(spec: LaunchSpec) -> list[str]:
     else:
         argv += [f"--device-type={XPK_GPU_DEVICES[instance.accelerator]}", f"--num-nodes={spec.num_slices}"]
         env = {**_XPK_GPU_ENV, distributed.ENV_NUM_PROCESSES: str(num_processes(spec))}
-    command = kubernetes_literal(shlex.join(train_command(spec)))  # xpk puts it in the pod spec as it is
+    command = shlex.join(train_command(spec))
+    if _experiment_file(spec) is not None:
+        command = f"{_write_experiment_file(spec)} && {command}"
+    command = kubernetes_literal(command)  # xpk puts it in the pod spec as it is
     argv += [f"--docker-image={spec.image}", f"--command={command}"]
     argv += [f"--priority={spec.priority}", f"--max-restarts={spec.max_restarts}"]
     argv += [f"--project={spec.project}"] if spec.project else []
@@ -186,7 +241,7 @@ def xpk_command(spec: LaunchSpec) -> str:
             options[-1].append(arg)
         else:
             options.append([arg])
-    return _multiline(head, options)
+    return _experiment_note(spec, "--command writes it (from base64) to") + _multiline(head, options)
 
 
 def _host_command(spec: LaunchSpec) -> list[str]:
@@ -197,6 +252,8 @@ def _host_command(spec: LaunchSpec) -> list[str]:
     }  # jax reads slice/worker ids from the VM metadata
     if spec.image:
         docker = ["sudo", "docker", "run", "--rm", "--privileged", "--network=host"]
+        if _experiment_file(spec) is not None:
+            docker += ["-v", f"{JOB_EXPERIMENT_DIR}:{JOB_EXPERIMENT_DIR}:ro"]
         for key, value in env.items():
             docker += ["-e", f"{key}={value}"]
         return [*docker, spec.image, *train_command(spec)]
@@ -206,6 +263,8 @@ def _host_command(spec: LaunchSpec) -> list[str]:
 def _host_script(spec: LaunchSpec) -> str:
     """Shell text each TPU VM runs; with an image on a Google registry, docker is first given credentials."""
     run = shlex.join(_host_command(spec))
+    if _experiment_file(spec) is not None:
+        run = f"{_write_experiment_file(spec)} && {run}"
     registry = spec.image.split("/")[0]
     if spec.image and registry.endswith(("pkg.dev", "gcr.io")):
         return f"{shlex.join(['sudo', 'gcloud', 'auth', 'configure-docker', registry, '--quiet'])} && {run}"
@@ -239,6 +298,7 @@ def gcloud_script(spec: LaunchSpec) -> str:
             "#!/usr/bin/env bash",
             f"# {spec.name}: {spec.num_slices} x {spec.instance_type} (per slice: {instance.hosts_per_slice} x "
             f"{instance.chips_per_host}-chip hosts) on Cloud TPU queued resources.",
+            *_experiment_note(spec, "each host's command writes it (from base64) to").splitlines(),
             "set -euo pipefail",
             "",
             _multiline(create[: 6 + len(track)], [[arg] for arg in create[6 + len(track) :]]),

@@ -2,8 +2,10 @@
 
 One spec renders to a GKE JobSet, an `xpk` command or a gcloud script (`axmini.launch.render`). `validate` returns
 every problem as one line naming the field, the value and the fix; the launcher prints them and exits with code 2.
-The experiment's own mesh rules decide whether the hardware fits: the mesh they select for the instance type must
-cover exactly chips per slice x slices devices, so a run never starts on hardware its mesh cannot use.
+The experiment decides whether the hardware fits: the mesh rule of its config (with the command's `--set`
+overrides) finalized for the instance type, as `axmini train` will finalize it, must cover exactly chips per slice x
+slices devices, so a run never starts on hardware its mesh cannot use. An experiment given by file
+(`--config=my/exps.py:fn`) must exist here: it travels with the job to `JOB_EXPERIMENT_DIR` (`render` says how).
 
 Each renderer's tool has limits of its own, checked here so that a rendering is never refused after submission:
 the JobSet webhook's pod-name length, xpk's 40-character names, its `--tpu-type` / `--device-type` vocabulary and
@@ -12,11 +14,14 @@ the characters its manifests can carry.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import Literal, get_args
 
+from axmini import experiment_loader
 from axmini.config import REQUIRED, ConfigBase, ConfigError, Required, apply_overrides
+from axmini.experiment_loader import ExperimentError, ExperimentRef
 from axmini.mesh_rules import (
     InstanceType,
     MeshRule,
@@ -37,6 +42,8 @@ MESH_SELECTOR_FLAG = "--mesh_selector"
 EXPERIMENT_FLAGS: tuple[str, ...] = ("--config", "--experiment")  # `axmini train` spells it either way
 SET_FLAG = "--set"
 JAX_COORDINATOR_PORT = 8476  # jax.distributed's default coordinator port on Cloud TPU
+JOB_EXPERIMENT_DIR = "/tmp/axmini/experiment"  # where an experiment file given by path is in the job
+MAX_EXPERIMENT_FILE_BYTES = 512 * 1024  # a ConfigMap holds at most 1 MiB; the base64 in a command takes 4/3
 
 _DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -88,11 +95,36 @@ class LaunchSpecError(ValueError):
         self.errors = list(errors)
 
 
+def experiment_ref(spec: LaunchSpec) -> ExperimentRef | None:
+    """The experiment the command trains (None when it names none or names it wrongly: `validate` says so)."""
+    text = _flag_value(spec.command, *EXPERIMENT_FLAGS)
+    try:
+        return experiment_loader.parse(text) if text is not None else None
+    except ExperimentError:
+        return None
+
+
+def job_experiment_file(local: str) -> str:
+    """Where an experiment file given by path is in the job (`render` says how it gets there)."""
+    return f"{JOB_EXPERIMENT_DIR}/{os.path.basename(local)}"
+
+
 def train_command(spec: LaunchSpec) -> list[str]:
-    """The command each host runs: the spec's command with `--mesh_selector=<instance type>` added."""
+    """The command each host runs: the spec's command with `--mesh_selector=<instance type>` added, and an
+    experiment file's local path replaced by its path in the job."""
+    command = list(spec.command)
+    ref = experiment_ref(spec)
+    if ref is not None and ref.file is not None:
+        in_job = f"{job_experiment_file(ref.file)}:{ref.name}"
+        for i, arg in enumerate(command):
+            for flag in EXPERIMENT_FLAGS:
+                if arg.startswith(flag + "="):
+                    command[i] = f"{flag}={in_job}"
+                elif arg == flag and i + 1 < len(command):
+                    command[i + 1] = in_job
     if _flag_value(spec.command, MESH_SELECTOR_FLAG) is not None:
-        return list(spec.command)
-    return [*spec.command, f"{MESH_SELECTOR_FLAG}={spec.instance_type}"]
+        return command
+    return [*command, f"{MESH_SELECTOR_FLAG}={spec.instance_type}"]
 
 
 def num_processes(spec: LaunchSpec) -> int:
@@ -128,12 +160,12 @@ def _flag_value(args: Sequence[str], *flags: str) -> str | None:
     return values[-1] if values else None
 
 
-def experiment_mesh_rules(experiment: str, overrides: Sequence[str] = ()) -> list[MeshRule]:
-    """The mesh rules of the named experiment's config with `--set` overrides applied (default rules if none)."""
-    import experiments  # Imported here: loading every experiment is only needed to check a named one.
+def experiment_mesh_rule(experiment: str, overrides: Sequence[str], instance: str) -> MeshRule:
+    """The mesh rule `axmini train` runs the experiment with on `instance`: that of its config with the `--set`
+    overrides, finalized for the instance type (the one finalize step the trainer builds from)."""
+    from axmini.trainer.finalize import finalize  # Imported here: only checking an experiment needs the trainer.
 
-    rules = getattr(apply_overrides(experiments.get(experiment), list(overrides)), "mesh_rules", None)
-    return list(rules) if rules else default_mesh_rules()
+    return finalize(apply_overrides(experiment_loader.load(experiment), list(overrides)), instance).mesh_rule
 
 
 def _name_suggestion(value: str, max_len: int) -> str:
@@ -210,17 +242,13 @@ def _check_xpk(spec: LaunchSpec, instance: InstanceType, errors: list[str]) -> N
 
 def _check_mesh(spec: LaunchSpec, instance: InstanceType, rules: Sequence[MeshRule] | None, errors: list[str]) -> None:
     experiment = _flag_value(spec.command, *EXPERIMENT_FLAGS)
-    if rules is None:
-        try:
-            overrides = _flag_values(spec.command, SET_FLAG)
-            rules = experiment_mesh_rules(experiment, overrides) if experiment else default_mesh_rules()
-        except (KeyError, ValueError, ConfigError) as e:  # an unknown experiment or a bad --set: fail before submitting
-            errors.append(f"spec.command (experiment {experiment!r}): {' '.join(str(e).split())}")
-            return
     devices = instance.chips_per_slice * spec.num_slices
     slices = spec.num_slices if instance.platform == "tpu" else 1  # jax sees GPU hosts as one slice
     try:
-        rule = select_mesh_rule(spec.instance_type, rules)
+        if rules is None and experiment:
+            rule = experiment_mesh_rule(experiment, _flag_values(spec.command, SET_FLAG), spec.instance_type)
+        else:
+            rule = select_mesh_rule(spec.instance_type, default_mesh_rules() if rules is None else rules)
         resolve_mesh_shape(rule, devices, slices)
     except MeshRuleError as e:
         source = f"experiment {experiment!r}" if experiment else "the default mesh rules"
@@ -228,6 +256,26 @@ def _check_mesh(spec: LaunchSpec, instance: InstanceType, rules: Sequence[MeshRu
             f"spec.instance_type={spec.instance_type!r} x spec.num_slices={spec.num_slices} "
             f"({instance.chips_per_slice} chips per slice, {devices} in all) does not fit the mesh of {source}: {e}"
         )
+    except ConfigError as e:  # an unknown experiment or a bad --set: fail before submitting
+        errors.append(f"spec.command (experiment {experiment!r}): {' '.join(str(e).split())}")
+
+
+def _check_experiment_file(spec: LaunchSpec, errors: list[str]) -> bool:
+    """An experiment file travels inside the manifest: it must be there, and small enough for a ConfigMap. Returns
+    whether it is (or none travels)."""
+    ref = experiment_ref(spec)
+    if ref is None or ref.file is None:
+        return True
+    if not os.path.isfile(ref.file):
+        errors.append(f"spec.command: the experiment file {ref.file} does not exist")
+    elif os.path.getsize(ref.file) > MAX_EXPERIMENT_FILE_BYTES:
+        errors.append(
+            f"spec.command: the experiment file {ref.file} has {os.path.getsize(ref.file):,} bytes; one travels with "
+            f"the job up to {MAX_EXPERIMENT_FILE_BYTES:,}: install it in the image and give MODULE:FUNCTION"
+        )
+    else:
+        return True
+    return False
 
 
 def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] | None = None) -> list[str]:
@@ -277,6 +325,7 @@ def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] 
         if not _ENV_NAME.fullmatch(key):
             errors.append(f"spec.env key {key!r} is not an environment variable name (letters, digits, '_')")
 
+    experiment_file_ok = _check_experiment_file(spec, errors)
     if tuple(spec.command[:2]) != TRAIN_PREFIX:
         errors.append(f"spec.command={spec.command!r} must start with {' '.join(TRAIN_PREFIX)!r}")
     selector = _flag_value(spec.command, MESH_SELECTOR_FLAG)
@@ -304,7 +353,7 @@ def validate(spec: LaunchSpec, renderer: str, *, mesh_rules: Sequence[MeshRule] 
             )
         elif renderer == "gcloud" and instance.platform != "tpu":
             errors.append(f"renderer='gcloud' creates TPU VMs; for {spec.instance_type!r} use jobset or xpk")
-        elif spec.num_slices >= 1:
+        elif spec.num_slices >= 1 and experiment_file_ok:
             _check_mesh(spec, instance, mesh_rules, errors)
         if renderer == "xpk" and instance.platform in ("tpu", "gpu"):
             _check_xpk(spec, instance, errors)

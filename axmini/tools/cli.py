@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from axmini.experiment_loader import ExperimentError
 from axmini.tools import catalogue, history_report, modularity
 from axmini.tools.git import GitError, NotAGitRepositoryError, UnknownRevisionError
 from axmini.tools.patches import ForwardChecks, UnknownFeatureError
@@ -27,6 +28,7 @@ class _UsageError(ValueError):
 
 _BAD_INPUT = (
     _UsageError,
+    ExperimentError,
     GitError,
     NotAGitRepositoryError,
     UnknownRevisionError,
@@ -80,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         default=90.0,
         help="wall-time seconds of the sweeps after which no more checks start (default 90; inf: check all)",
     )
+    mod.add_argument(
+        "--experiment",
+        action="append",
+        default=[],
+        metavar="FILE.py:FUNCTION",
+        help="an experiment of your own to sweep with the built-in ones (or MODULE:FUNCTION); repeatable",
+    )
     mod.add_argument("--peers", type=Path, help="a history report.json to compare with (default: the committed one)")
     mod.add_argument("--readme", type=Path, help="also rewrite the feature table between this file's markers")
     mod.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,6 +114,7 @@ def _modularity(args: argparse.Namespace) -> dict[str, Path]:
         check_budget=args.check_budget,
         peers=args.peers,
         progress=not args.no_progress,
+        experiments=args.experiment,
     )
     paths = modularity.write_modularity_report(result, args.out)
     if args.readme is not None:

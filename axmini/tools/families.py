@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import experiments
+from axmini import experiment_loader, experiments
 from axmini.config import ConfigBase, map_configs, replace_config
+from axmini.experiments.decoders import tiny_decoder
 from axmini.layers.attention import Attention, FusedQKVProjection
 from axmini.layers.feed_forward import FeedForward, FeedForwardActivation
 from axmini.layers.norm import LayerNorm, RMSNorm
@@ -25,7 +26,6 @@ from axmini.layers.position import RoPEProjection
 from axmini.layers.transformer import BaseStack
 from axmini.module import build_abstract
 from axmini.tools.metrics import is_subclass, model_configs
-from experiments.decoders import tiny_decoder
 
 ConfigFn = Callable[[], ConfigBase]
 Rewrite = Callable[[ConfigBase], ConfigBase]
@@ -82,16 +82,18 @@ def grid_sizes(max_n: int, max_m: int) -> list[tuple[int, int]]:
     return [(n, m) for n in powers_of_two(max_n) for m in powers_of_two(max_m)]
 
 
-def experiment_family() -> Family:
-    """Every registered named experiment, as N models with one variant each, smallest config first.
+def experiment_family(extra: Sequence[str] = ()) -> Family:
+    """Every built-in experiment and the `extra` ones (FILE.py:FUNCTION or MODULE:FUNCTION, as `axmini train
+    --config` takes them), as N models with one variant each, smallest config first.
 
     (The order makes the first N the cheapest to build, which matters when checks run out of time.)
     """
-    sizes = {name: len(experiments.get(name).debug_string()) for name in experiments.names()}
+    sizes = {ref: len(experiment_loader.load(ref).debug_string()) for ref in [*experiments.names(), *extra]}
+    note = "every built-in experiment" + (f" and {', '.join(extra)}" if extra else "")
     return Family(
         "experiments",
-        [(name, functools.partial(experiments.get, name)) for name in sorted(sizes, key=lambda n: (sizes[n], n))],
-        note="every registered named experiment, smallest config first (the first N are the N smallest)",
+        [(ref, functools.partial(experiment_loader.load, ref)) for ref in sorted(sizes, key=lambda r: (sizes[r], r))],
+        note=f"{note}, smallest config first (the first N are the N smallest)",
     )
 
 

@@ -3,7 +3,8 @@ copy-per-class baseline, the AXLearn paper's numbers and the measured histories 
 
 - Every registered feature (`axmini/features.py`; `--features` picks some) is applied to a synthetic family of
   N models x M attention variants (`--grid NxM`, powers of two up to N and M; 20x10 is the paper's setting) and
-  to every named experiment (`patches.py`), next to the generated copy-per-class baseline (`baseline.py`).
+  to every named experiment and those of the user's own given with `--experiment FILE.py:FUNCTION` (`patches.py`),
+  next to the generated copy-per-class baseline (`baseline.py`).
 - Every patched target is built abstractly and some run a tiny forward pass (`--forward`) while the sweeps are
   within their wall-time budget (`--check-budget`, default 90 s, so the default report stays near 2 minutes on
   CPU); past it, config metrics still cover every target and the rest count as not checked. Each feature's
@@ -62,15 +63,15 @@ class ModularityResult:
         return next((s for s in self.sweeps if s.feature == feature and s.family == family), None)
 
 
-def default_families(max_n: int, max_m: int) -> list[tuple[Family, Sizes]]:
-    """The synthetic N x M family and the named experiments (N = 1..all).
+def default_families(max_n: int, max_m: int, experiments: Sequence[str] = ()) -> list[tuple[Family, Sizes]]:
+    """The synthetic N x M family and the built-in experiments with the `experiments` given (N = 1..all).
 
     The synthetic family comes first: its checks are cheap and uniform, so the check budget reaches every feature.
     """
-    experiments = families.experiment_family()
+    named = families.experiment_family(experiments)
     return [
         (families.synthetic_family(max_n, max_m), families.grid_sizes(max_n, max_m)),
-        (experiments, [(n, 1) for n in families.powers_of_two(len(experiments.models))]),
+        (named, [(n, 1) for n in families.powers_of_two(len(named.models))]),
     ]
 
 
@@ -91,6 +92,7 @@ def run_modularity(
     check_budget: float = 90.0,
     peers: Path | None = None,
     progress: bool = True,
+    experiments: Sequence[str] = (),
 ) -> ModularityResult:
     """Measures the selected features (raises UnknownFeatureError first, on a bad name).
 
@@ -103,7 +105,7 @@ def run_modularity(
     result.features = patches.select_features(feature_names, features_lib.FEATURES)
     result.paper = load_paper()
     result.peers, result.peers_source = load_peers(peers)
-    fams = default_families(*grid)
+    fams = default_families(*grid, experiments)
     result.family_notes = {fam.name: fam.note for fam, _ in fams}
     total = sum(len(result.features) * max(n for n, _ in s) * max(m for _, m in s) for _, s in fams)
     baselines: dict[tuple[bool, bool], list[BaselinePoint]] = {}

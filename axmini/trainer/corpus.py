@@ -16,10 +16,11 @@ import os
 import re
 import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
+
+from axmini.trainer.vocabulary import train_sentencepiece, write_atomic
 
 CORPUS_VERSION = 1
 VALIDATION_EVERY = 20  # Paragraph i goes to validation when i % VALIDATION_EVERY == 0.
@@ -91,13 +92,6 @@ def corpus_paragraphs() -> list[str]:
     return paragraphs
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False, suffix=".tmp") as f:
-        f.write(text)
-    os.replace(f.name, path)
-
-
 def prepare_corpus() -> CorpusFiles:
     """The train/validation text files (one paragraph per line), generated on first use."""
     files = CorpusFiles(corpus_dir() / "train.txt", corpus_dir() / "validation.txt")
@@ -105,31 +99,14 @@ def prepare_corpus() -> CorpusFiles:
         paragraphs = corpus_paragraphs()
         train = [p for i, p in enumerate(paragraphs) if i % VALIDATION_EVERY]
         validation = [p for i, p in enumerate(paragraphs) if i % VALIDATION_EVERY == 0]
-        _write_atomic(files.validation, "\n".join(validation) + "\n")
-        _write_atomic(files.train, "\n".join(train) + "\n")
+        write_atomic(str(files.validation), ("\n".join(validation) + "\n").encode())
+        write_atomic(str(files.train), ("\n".join(train) + "\n").encode())
     return files
 
 
 def prepare_vocab(vocab_size: int = 2048) -> Path:
     """A SentencePiece unigram model trained on the training text (pad=0, eos=1, unk=2, no bos), cached."""
-    import sentencepiece as spm
-
     path = corpus_dir() / f"spm-{vocab_size}.model"
     if not path.exists():
-        train = prepare_corpus().train
-        with tempfile.TemporaryDirectory(dir=corpus_dir()) as tmp:
-            spm.SentencePieceTrainer.train(
-                input=str(train),
-                model_prefix=f"{tmp}/spm",
-                vocab_size=vocab_size,
-                model_type="unigram",
-                character_coverage=1.0,
-                pad_id=0,
-                eos_id=1,
-                unk_id=2,
-                bos_id=-1,
-                num_threads=2,
-                minloglevel=2,
-            )
-            os.replace(f"{tmp}/spm.model", path)
+        write_atomic(str(path), train_sentencepiece(str(prepare_corpus().train), vocab_size))
     return path

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
 from axmini.config import Configurable, ConfigValueError, check_positive, config_path
+from axmini.module import capture_aux
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 
 
@@ -40,6 +43,13 @@ def unigram_entropy(batches: list[Batch]) -> float:
         return math.nan
     p = local[local > 0] / total
     return float(-(p * np.log(p)).sum())
+
+
+def loss_sums(model: Any, batch: Batch) -> dict[str, jax.Array]:
+    """The model's weighted loss summed over `batch` and the sum of the weights (traceable: inside a jitted step)."""
+    (loss, _), _, _ = capture_aux(lambda m, b: m(b), model, batch)
+    weight_sum = batch["target_weights"].astype(jnp.float32).sum()
+    return {"loss_sum": loss * weight_sum, "weight_sum": weight_sum}
 
 
 class Evaluator(Configurable):

@@ -9,15 +9,13 @@ Batches are indexed by step: `batches(start_step=k)` yields the batches of steps
 uninterrupted run would, so the data position of a checkpoint is its step.
 
 `SeqioInput` reads any registered seqio task or mixture (the default is `axmini_corpus`, built from the
-embedded corpus on first use). `import seqio` loads TensorFlow (about 5 s), so it is imported lazily.
+embedded corpus on first use) or files on disk (`TextFiles`): `axmini.trainer.data`. `import seqio` loads
+TensorFlow (about 5 s), so it is imported lazily.
 """
 
 from __future__ import annotations
 
-import difflib
 import enum
-import importlib
-import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,22 +23,10 @@ import jax
 import numpy as np
 
 from axmini.config import REQUIRED, Configurable, ConfigValueError, Required, check_positive, config_path
-from axmini.trainer import corpus
+from axmini.trainer.data import DEFAULT_TASK, TextFiles, get_task_or_mixture, seqio_module
 
-DEFAULT_TASK = "axmini_corpus"
-DEFAULT_VOCAB_SIZE = 2048
 BATCH_KEYS = ("input_ids", "target_ids", "target_weights", "segment_ids", "positions")
 Batch = dict[str, np.ndarray]
-
-
-def _seqio() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ start-up chatter (CUDA probing...).
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")  # The input pipeline must not take accelerator memory.
-    import seqio
-
-    return seqio
 
 
 class InputSharding(enum.Enum):
@@ -131,79 +117,6 @@ class SyntheticInput(Input):
         return self.config.vocab_size
 
 
-# ----------------------------------------------------------------------------------------------------
-# seqio tasks.
-
-
-def split_to_length(dataset: Any, sequence_length: Mapping[str, int] | None = None) -> Any:
-    """A seqio preprocessor: splits each example's `targets` into pieces of at most the sequence length,
-    so packing never truncates a document (no token is lost)."""
-    import tensorflow as tf
-
-    if not sequence_length:
-        return dataset
-    max_len = sequence_length["targets"]
-
-    def split(example: Mapping[str, tf.Tensor]) -> tf.data.Dataset:
-        tokens = example["targets"]
-        n = tf.size(tokens)
-        starts = tf.range(0, n, max_len)
-        lengths = tf.minimum(max_len, n - starts)
-        return tf.data.Dataset.from_tensor_slices({"targets": tf.RaggedTensor.from_row_lengths(tokens, lengths)})
-
-    return dataset.flat_map(split)
-
-
-def _line_to_targets(dataset: Any) -> Any:
-    return dataset.map(lambda line: {"targets": line})
-
-
-def register_text_task(name: str, split_files: Mapping[str, str], vocabulary: Any, shuffle_buffer_size: int = 10_000):
-    """Registers a seqio Task over text files (one document per line): tokenize, EOS, split to length."""
-    seqio = _seqio()
-    if name in seqio.TaskRegistry.names():
-        return seqio.TaskRegistry.get(name)
-    return seqio.TaskRegistry.add(
-        name,
-        source=seqio.TextLineDataSource(dict(split_files)),
-        preprocessors=[
-            _line_to_targets,
-            seqio.preprocessors.tokenize,
-            seqio.preprocessors.append_eos,
-            split_to_length,
-        ],
-        output_features={"targets": seqio.Feature(vocabulary, add_eos=True)},
-        shuffle_buffer_size=shuffle_buffer_size,
-    )
-
-
-def register_default_task() -> Any:
-    """The `axmini_corpus` task: the embedded corpus with its own 2048-piece SentencePiece vocabulary."""
-    seqio = _seqio()
-    files = corpus.prepare_corpus()
-    vocabulary = seqio.SentencePieceVocabulary(str(corpus.prepare_vocab(DEFAULT_VOCAB_SIZE)))
-    split_files = {"train": str(files.train), "validation": str(files.validation)}
-    return register_text_task(DEFAULT_TASK, split_files, vocabulary)
-
-
-def get_task_or_mixture(name: str, modules: tuple[str, ...] | list[str] = (), path: str = "input.task") -> Any:
-    """The registered seqio task or mixture `name` (importing `modules` first, which register tasks)."""
-    seqio = _seqio()
-    for module in modules:
-        importlib.import_module(module)
-    if name == DEFAULT_TASK:
-        register_default_task()
-    known = [*seqio.TaskRegistry.names(), *seqio.MixtureRegistry.names()]
-    if name not in known:
-        close = difflib.get_close_matches(name, [*known, DEFAULT_TASK], n=2, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ConfigValueError(
-            f"{path}={name!r} is not a registered seqio task or mixture{hint} "
-            "(register it in a module listed in task_modules)"
-        )
-    return seqio.get_mixture_or_task(name)
-
-
 def _lm_batch(features: Mapping[str, np.ndarray]) -> Batch:
     """seqio LMFeatureConverter features -> decoder batch keys."""
     targets = features["decoder_target_tokens"].astype(np.int32)
@@ -231,12 +144,13 @@ def _pad_rows(batch: Batch, rows: int) -> Batch:
 class SeqioInput(Input):
     """A seqio task or mixture, tokenized, packed to `sequence_length` with segment ids, and batched.
 
-    Shuffling is deterministic (by `seed`); each process's rows follow `sharding`. With
-    `num_epochs=None` the data repeats forever (training); with a number, the last batch is padded.
+    `task` is a registered task or mixture name, or files on disk (a `TextFiles` config). Shuffling is deterministic
+    (by `seed`); each process's rows follow `sharding`. With `num_epochs=None` the data repeats forever (training);
+    with a number, the last batch is padded.
     """
 
     class Config(Input.Config):
-        task: str = DEFAULT_TASK  # Any registered seqio task or mixture name.
+        task: str | TextFiles.Config = DEFAULT_TASK  # A registered seqio task or mixture name, or files on disk.
         task_modules: list[str] = []  # Modules to import first: they register user tasks.
         split: str = "train"
         shuffle: bool = True
@@ -246,20 +160,42 @@ class SeqioInput(Input):
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
-        self._task = get_task_or_mixture(self.config.task, self.config.task_modules, config_path(self.config, "task"))
+        cfg = self.config
+        if isinstance(cfg.task, str):
+            self.files: TextFiles | None = None
+            self._task = self.registered_task(cfg)
+        else:
+            self.files = cfg.task.instantiate()
+            self.files.check()
+            self._task = self.files.task()
+
+    @classmethod
+    def register_task(cls, cfg: Config) -> None:
+        """Registers the task `cfg.task` names when this input brings its own (here none does: a user's task is
+        registered by a module of `task_modules`)."""
+
+    @classmethod
+    def registered_task(cls, cfg: Config) -> Any:
+        """The seqio task or mixture `cfg.task` names (registered first if this input brings it)."""
+        cls.register_task(cfg)
+        return get_task_or_mixture(cfg.task, cfg.task_modules, config_path(cfg, "task"))
 
     def vocabulary(self) -> Any:
+        """The task's vocabulary; for files on disk without one, trained first (see `TextFiles.vocabulary`)."""
+        if self.files is not None:
+            return self.files.vocabulary()
         return self._task.output_features["targets"].vocabulary
 
     def vocab_size(self) -> int:
-        return self.vocabulary().vocab_size
+        return self.files.vocab_size() if self.files is not None else self.vocabulary().vocab_size
 
     def dataset(self) -> Any:
         """The unbatched tf.data pipeline of packed examples of this process."""
-        seqio = _seqio()
+        seqio = seqio_module()
         cfg = self.config
+        self.vocabulary()  # Files on disk: their vocabulary exists before anything is tokenized.
         return seqio.get_dataset(
-            cfg.task,
+            self._task.name,
             {"targets": cfg.sequence_length},
             feature_converter=seqio.LMFeatureConverter(pack=cfg.pack),
             dataset_split=cfg.split,
@@ -275,3 +211,13 @@ class SeqioInput(Input):
         dataset = self.dataset().batch(rows).skip(start_step)
         for features in dataset.as_numpy_iterator():
             yield self._local_rows(_pad_rows(_lm_batch(features), rows))
+
+
+def input_vocabulary(cfg: Input.Config) -> Any:
+    """The vocabulary an input config reads with, without building its pipeline or reading its data (what sampling
+    and evaluation need); None for synthetic input. A vocabulary still to be trained is refused, never trained."""
+    if not SeqioInput.matches(cfg):
+        return None
+    if isinstance(cfg.task, str):
+        return cfg.klass.registered_task(cfg).output_features["targets"].vocabulary
+    return cfg.task.instantiate().vocabulary(train=False)

@@ -1,9 +1,10 @@
 """The trainer: builds model, learner, input, evaluator, checkpointer and summaries on a mesh, and trains.
 
-Hardware enters through mesh rules only: the instance type (`mesh_selector`, detected by default) selects
-the first matching `MeshRule`, whose modifiers rewrite this config and whose logical-axis rules place
-parameters, optimizer state and activations on the mesh. The model is initialized directly sharded (never
-whole on one device).
+The trainer builds a *finalized* config only (`axmini.trainer.finalize.finalize`: the instance type's mesh rule
+applied, the dirs and max_step its children need filled in) and never rewrites it, so its config.txt is what
+`axmini configs show NAME --mesh_selector=TYPE` prints. Hardware enters through that mesh rule only: its mesh shape
+and logical-axis rules place parameters, optimizer state and activations on the mesh. The model is initialized
+directly sharded (never whole on one device).
 
 The train state is a pytree `{"step", "params", "rest", "opt_state"}` (`rest`: the model's non-parameter
 variables, e.g. RNG counters). The train step is one jitted pure function with explicit in/out shardings:
@@ -39,20 +40,12 @@ from axmini.config import (
     check_non_negative,
     check_positive,
     config_path,
-    fill_child,
     optional,
 )
-from axmini.mesh_rules import (
-    MeshRule,
-    default_mesh_rules,
-    detect_instance_type,
-    instance_type,
-    make_mesh,
-    select_mesh_rule,
-)
+from axmini.mesh_rules import MeshRule, default_mesh_rules, instance_type, make_mesh
 from axmini.module import Layer, build_abstract, capture_aux, count_params, logical_to_spec, sharding_context
 from axmini.trainer.checkpointer import Checkpointer
-from axmini.trainer.evaluator import Evaluator
+from axmini.trainer.evaluator import Evaluator, loss_sums
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 from axmini.trainer.learner import Learner
 from axmini.trainer.summary import ProgressBar, SummaryWriter, mfu
@@ -117,6 +110,7 @@ class Trainer(Configurable):
         log_every_n_steps: int = 10
         mesh_rules: list[MeshRule] = default_mesh_rules()
         mesh_selector: str | None = None  # An instance type (cpu, gpu-h100-8, tpu-v5p-256...); None: detect.
+        mesh_rule: MeshRule | None = None  # Set by finalize(): the rule of mesh_selector, its modifiers applied.
         seed: int = 0
         progress_bar: bool = True
         # The weights this run starts from when it has no checkpoint of its own (the base model of a fine-tune): a
@@ -124,15 +118,16 @@ class Trainer(Configurable):
         init_from: str | None = optional(None)
 
     def __init__(self, cfg: Config, *, devices: list[jax.Device] | None = None):
-        selector = cfg.mesh_selector or detect_instance_type()
-        self.instance = instance_type(selector)
-        self.mesh_rule: MeshRule = select_mesh_rule(selector, cfg.mesh_rules)
-        cfg = self._fill_children(self._apply_mesh_rule(cfg))
+        if cfg.mesh_rule is None or cfg.mesh_selector is None:
+            raise ConfigValueError(
+                "mesh_rule=None: the Trainer builds a finalized config only; build "
+                "axmini.trainer.finalize.finalize(cfg, instance_type) instead (what `axmini train` runs)"
+            )
         super().__init__(cfg)
         cfg = self.config
-        devices = list(devices if devices is not None else jax.devices())
-        num_slices = len({getattr(d, "slice_index", 0) for d in devices})  # TPU multi-slice: data spans slices.
-        self.mesh = make_mesh(self.mesh_rule, devices, num_slices)
+        self.instance = instance_type(cfg.mesh_selector)
+        self.mesh_rule: MeshRule = cfg.mesh_rule
+        self.mesh = make_mesh(self.mesh_rule, devices)
         self.rules = tuple(tuple(rule) for rule in self.mesh_rule.logical_axis_rules)
         self._check(cfg)
         if cfg.init_from is not None and not has_checkpoint(cfg.checkpointer.dir):  # Resuming never reads it.
@@ -152,25 +147,6 @@ class Trainer(Configurable):
 
     # ------------------------------------------------------------------------------------------------
     # Building.
-
-    def _apply_mesh_rule(self, cfg: Config) -> Config:
-        """A copy of `cfg` rewritten by the selected rule's modifiers (remat, batch size... for the hardware)."""
-        cfg = cfg.clone()
-        for modifier in self.mesh_rule.modifiers:
-            cfg = modifier.instantiate()(cfg)
-        return cfg
-
-    @staticmethod
-    def _fill_children(cfg: Config) -> Config:
-        """Writes what the trainer owns into its children: directories and max_step."""
-        if cfg.dir is REQUIRED or cfg.max_step is REQUIRED:
-            return cfg  # Building reports the missing field by its path.
-        if cfg.checkpointer.dir is REQUIRED:
-            cfg.checkpointer.dir = str(Path(cfg.dir) / "checkpoints")
-        if cfg.summary_writer.dir is REQUIRED:
-            cfg.summary_writer.dir = cfg.dir
-        cfg.learner = fill_child(cfg.learner, parent=cfg, max_step=cfg.max_step)
-        return cfg
 
     def _check(self, cfg: Config) -> None:
         check_non_negative(cfg, "max_step")
@@ -268,10 +244,7 @@ class Trainer(Configurable):
         return new_state, {**metrics, **update.summaries}
 
     def _eval_step(self, state: State, batch: Batch) -> dict[str, jax.Array]:
-        model = nnx.merge(self._graphdef, state["params"], state["rest"])
-        (loss, _), _, _ = capture_aux(lambda m, b: m(b), model, batch)
-        weight_sum = batch["target_weights"].astype(jnp.float32).sum()
-        return {"loss_sum": loss * weight_sum, "weight_sum": weight_sum}
+        return loss_sums(nnx.merge(self._graphdef, state["params"], state["rest"]), batch)
 
     # ------------------------------------------------------------------------------------------------
     # Compiled entry points (traced inside the sharding context, so layers' activation hints apply).
