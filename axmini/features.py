@@ -23,6 +23,7 @@ from axmini.layers.position import RoPEModifier
 from axmini.layers.rattention import RAttentionModifier
 from axmini.layers.transformer import GlobalLocalModifier, KVSharingModifier
 from axmini.lora import LoRAModifier
+from axmini.pruning.instruction import InstructionPruningModifier
 from axmini.qat import QATModifier
 
 Patch = Callable[[ConfigBase], ConfigBase]
@@ -144,3 +145,9 @@ def qat(cfg: ConfigBase) -> ConfigBase:
 def lora(cfg: ConfigBase) -> ConfigBase:
     """Rank-8 LoRA adapters on every linear weight but the embedding and the head; only the adapters train."""
     return LoRAModifier.default_config().set(rank=8, alpha=16.0).instantiate()(cfg)
+
+
+@feature
+def instruction_pruning(cfg: ConfigBase) -> ConfigBase:
+    """Every feed-forward runs the half of its hidden units that a mask predictor picks from the prompt."""
+    return InstructionPruningModifier.default_config().set(active_fraction=0.5).instantiate()(cfg)

@@ -2,8 +2,8 @@
 every reference that leads nowhere is an ExperimentError naming the file or module; no top-level `experiments`
 package is installed, while the built-in experiments are all still listed."""
 
+import ast
 import importlib.metadata
-import json
 import os
 import subprocess
 import sys
@@ -159,7 +159,9 @@ def test_pip_install_puts_no_top_level_experiments_package_and_lists_every_built
     subprocess.run([*pip, "--no-build-isolation", "--prefix", str(venv), "-e", str(REPO)], check=True, timeout=300)
     (site_packages,) = venv.glob("lib/python*/site-packages")
     finder = next(site_packages.glob("__editable__*finder.py")).read_text()
-    mapping = json.loads(finder.split("MAPPING = ", 1)[1].splitlines()[0].replace("'", '"'))
+    # setuptools writes `MAPPING = {...}` or, since 69, `MAPPING: dict[str, str] = {...}`.
+    (line,) = [line for line in finder.splitlines() if line.startswith("MAPPING")]
+    mapping = ast.literal_eval(line.split("= ", 1)[1])
     assert mapping == {"axmini": str(REPO / "axmini")}  # The only top-level package installed.
     dependencies = [p for p in sys.path if p.endswith("site-packages")]
     (site_packages / "dependencies.pth").write_text("\n".join(dependencies) + "\n")

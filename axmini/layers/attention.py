@@ -407,6 +407,8 @@ class Attention(Layer):
         self._check_inputs(x, positions, segment_ids, cache=cache, shared_kv=shared_kv)
         raw, rotated = self._qkv(x, positions)
         heads, new_cache, kv = self._attend_heads(raw, rotated, positions, segment_ids, cache, shared_kv)
+        # The mean norm of each head's output over the tokens [H]: what activation-based head pruning reads.
+        self.add_summary("head_output_norm", jnp.mean(jnp.linalg.norm(heads.astype(jnp.float32), axis=-1), axis=(0, 1)))
         out = shard_activation(self.output_linear(heads), ("batch", "length", "embed"))
         return AttentionOutput(out, new_cache, kv)
 

@@ -122,17 +122,25 @@ class Decoder(Layer):
     def __call__(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
         """(loss, metrics): weighted mean cross-entropy (+ z-loss); metrics loss, cross_entropy, z_loss,
         accuracy, num_tokens."""
-        cfg = self.config
         logits = self.forward(
             batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids")
         ).logits
-        targets = batch["target_ids"]
+        return self.loss(logits, batch)
+
+    def loss_weights(self, batch: Mapping[str, Array]) -> Array:
+        """[B,T] float32: `target_weights`, or 1 for every target that is not `pad_id` and not in segment 0."""
         weights = batch.get("target_weights")
         if weights is None:
-            weights = targets != cfg.pad_id
+            weights = batch["target_ids"] != self.config.pad_id
             if batch.get("segment_ids") is not None:
                 weights &= batch["segment_ids"] != 0
-        weights = weights.astype(jnp.float32)
+        return weights.astype(jnp.float32)
+
+    def loss(self, logits: Array, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
+        """(loss, metrics) of `logits` [B,T,V] against the batch's targets (see `__call__`)."""
+        cfg = self.config
+        targets = batch["target_ids"]
+        weights = self.loss_weights(batch)
         log_z = jax.nn.logsumexp(logits, axis=-1)
         target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
         num_tokens = jnp.sum(weights)

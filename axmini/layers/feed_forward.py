@@ -77,13 +77,20 @@ class FeedForward(Layer):
         """The resolved hidden width F."""
         return int(maybe_instantiate(self.config.hidden_dim, input_dim=self.config.input_dim))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, unit_mask: jax.Array | None = None) -> jax.Array:
+        """`unit_mask` [..., F], broadcast against x's leading dims, scales the hidden units (0 turns one off).
+
+        Sows `unit_activation` [F], the mean |hidden unit| over the tokens (what activation-based pruning reads).
+        """
         act = self.config.activation
         if act.gated:
             h = act(self._project(x, self.wi_0)) * self._project(x, self.wi_1)
         else:
             h = act(self._project(x, self.wi))
+        if unit_mask is not None:
+            h = h * unit_mask.astype(h.dtype)
         h = shard_activation(h, ("batch", "length", "mlp"))
+        self.add_summary("unit_activation", jnp.mean(jnp.abs(h.astype(jnp.float32)), axis=tuple(range(h.ndim - 1))))
         y = jnp.einsum("...f,fd->...d", h, self.read_weight(self.wo).astype(x.dtype))
         return shard_activation(y, ("batch", "length", "embed"))
 

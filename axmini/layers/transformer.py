@@ -95,15 +95,24 @@ class TransformerLayer(Layer):
         attn = self.self_attention(
             self.attention_norm(x), positions=positions, segment_ids=segment_ids, cache=cache, shared_kv=shared_kv
         )
-        x = x + _maybe(self.post_attention_norm, attn.output)
-        x = x + _maybe(self.post_feed_forward_norm, self.feed_forward(self.feed_forward_norm(x)))
-        return LayerOutput(x, attn.cache, attn.kv)
+        y = x + maybe_apply(self.post_attention_norm, attn.output)
+        y = y + maybe_apply(self.post_feed_forward_norm, self.feed_forward(self.feed_forward_norm(y)))
+        self._sow_activations(x, y)
+        return LayerOutput(y, attn.cache, attn.kv)
+
+    def _sow_activations(self, x: Array, y: Array) -> None:
+        """Sows the mean |output| and |output - input| of each channel over the tokens [D]: what activation-based
+        channel and layer pruning read."""
+        mean_abs = lambda a: jnp.mean(jnp.abs(a.astype(jnp.float32)), axis=(0, 1))
+        self.add_summary("channel_activation", mean_abs(y))
+        self.add_summary("update_activation", mean_abs(y - x))
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
         return self.self_attention.init_cache(batch_size, max_length, dtype)
 
 
-def _maybe(norm: nnx.Module | None, x: Array) -> Array:
+def maybe_apply(norm: nnx.Module | None, x: Array) -> Array:
+    """`norm(x)`, or `x` where the optional norm (a sandwich norm) is off."""
     return x if norm is None else norm(x)
 
 

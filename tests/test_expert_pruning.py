@@ -1,20 +1,25 @@
 """Expert pruning: importance criteria against numpy formulas, smaller config and parameters, exactness
-when the dropped experts were never used, iterative re-estimation, refusals."""
+when the dropped experts were never used, iterative re-estimation, lottery and recovery fine-tuning, refusals."""
 
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from axmini import moe_pruning
+from axmini.config import ConfigValueError
 from axmini.layers.attention import Attention
 from axmini.layers.decoder import Decoder
 from axmini.layers.feed_forward import FeedForward
 from axmini.layers.moe import MoE, MoEModifier, TopKGating
 from axmini.layers.transformer import RepeatedStack, TransformerLayer
+from axmini.lora import LoRAModifier
 from axmini.module import count_params
-from axmini.moe_pruning import ImportanceCriterion, evaluate_pruning, expert_importance, prune
+from axmini.pruning import experts
+from axmini.pruning.calibration import evaluate
+from axmini.pruning.experts import ImportanceCriterion, evaluate_pruning, expert_importance, prune
+from axmini.pruning.fine_tune import FineTuning
 
 V, D, F, L, E = 32, 8, 16, 2, 8
 
@@ -55,7 +60,7 @@ def test_pruning_unused_experts_keeps_outputs_and_gives_the_expected_smaller_mod
         np.put_along_axis(dropped, kept, False, axis=-1)
         assert np.all(frequency[path][dropped] == 0), path  # Only never-used experts were dropped.
     fresh = result.config.instantiate(rngs=nnx.Rngs(1))  # The returned config builds on its own.
-    assert all(m.config.num_experts == E - 4 for m in moe_pruning.moe_layers(fresh).values())
+    assert all(m.config.num_experts == E - 4 for m in experts.moe_layers(fresh).values())
     pruned = result.build()
     num_moe_layers = L // every
     assert count_params(pruned) == count_params(fresh)
@@ -146,14 +151,14 @@ def test_iterative_pruning_reestimates_importance_on_the_pruned_model(monkeypatc
     cfg = moe_decoder()
     model = cfg.instantiate(rngs=nnx.Rngs(0))
     seen = []
-    original = moe_pruning.expert_importance
+    original = experts.expert_importance
 
     def recording(model, batches, criterion, **kw):
         scores = original(model, batches, criterion, **kw)
         seen.append({p: s.shape for p, s in scores.items()})
         return scores
 
-    monkeypatch.setattr(moe_pruning, "expert_importance", recording)
+    monkeypatch.setattr(experts, "expert_importance", recording)
     calibration = [batch(3)]
     result = prune(cfg, model, calibration, num_to_prune=3, rounds=2, criterion=ImportanceCriterion.FREQUENCY)
     assert seen == [{"stack/layers/feed_forward": (L, E)}, {"stack/layers/feed_forward": (L, E - 2)}]
@@ -163,6 +168,38 @@ def test_iterative_pruning_reestimates_importance_on_the_pruned_model(monkeypatc
     np.testing.assert_allclose(logits(result.build(), calibration[0]), logits(model, calibration[0]), atol=1e-6)
 
 
+def test_lottery_fine_tunes_between_rounds_and_recovery_after_the_last(monkeypatch):
+    cfg = moe_decoder()
+    model = cfg.instantiate(rngs=nnx.Rngs(0))
+    events = []
+    importance = experts.expert_importance
+
+    def scoring(model, *args, **kw):
+        events.append(("score", model.config.stack.layer.feed_forward.num_experts))
+        return importance(model, *args, **kw)
+
+    def tuning(model, tuning, **kw):  # The real fine-tune is checked below; here only when it runs, on what.
+        events.append(("tune", tuning.steps, model.config.stack.layer.feed_forward.num_experts))
+
+    monkeypatch.setattr(experts, "expert_importance", scoring)
+    monkeypatch.setattr(experts, "fine_tune", tuning)
+    lottery, recovery = FineTuning([batch()], steps=2), FineTuning([batch()], steps=3)
+    prune(cfg, model, [batch()], num_to_prune=3, rounds=2, lottery=lottery, recovery=recovery)
+    assert events == [("score", 8), ("tune", 2, 6), ("score", 6), ("tune", 3, 5)]
+
+
+def test_recovery_fine_tuning_lowers_the_loss_on_its_data_and_is_in_the_result():
+    cfg = moe_decoder(top_k=2)
+    model = cfg.instantiate(rngs=nnx.Rngs(0))
+    sft = [batch(6, seed=s) for s in (5, 6)]
+    plain = prune(cfg, model, [batch()], num_to_prune=4, rounds=2)
+    recovery = FineTuning(sft, steps=20, optimizer=optax.adam(1e-2))
+    recovered = prune(cfg, model, [batch()], num_to_prune=4, rounds=2, recovery=recovery)
+    assert recovered.config == plain.config
+    np.testing.assert_array_equal(recovered.kept["stack/layers/feed_forward"], plain.kept["stack/layers/feed_forward"])
+    assert evaluate(recovered.build(), sft) < evaluate(plain.build(), sft) - 0.5
+
+
 def test_pruning_below_top_k_is_refused_naming_the_field():
     cfg = moe_decoder(top_k=2)
     model = cfg.instantiate(rngs=nnx.Rngs(0))
@@ -170,6 +207,12 @@ def test_pruning_below_top_k_is_refused_naming_the_field():
         prune(cfg, model, [batch()], num_to_prune=7)
     with pytest.raises(ValueError, match="rounds=3"):
         prune(cfg, model, [batch()], num_to_prune=2, rounds=3)
+
+
+def test_a_model_with_weight_transforms_is_refused_naming_the_layer():
+    cfg = LoRAModifier.default_config().set(pattern="feed_forward").instantiate()(moe_decoder())
+    with pytest.raises(ConfigValueError, match=r"^stack\.layer\.feed_forward\.weight_transform is a LoRA: pruning"):
+        prune(cfg, cfg.instantiate(rngs=nnx.Rngs(0)), [batch()], num_to_prune=2)
 
 
 def test_importance_of_a_model_without_moe_is_refused():
@@ -182,4 +225,4 @@ def test_scores_of_the_wrong_shape_are_refused():
     cfg = moe_decoder()
     model = cfg.instantiate(rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"not \[\.\.\., num_experts\]"):
-        moe_pruning.drop_experts(cfg, model, {"stack/layers/feed_forward": jnp.zeros((L, E + 1))}, 1)
+        experts.drop_experts(cfg, model, {"stack/layers/feed_forward": jnp.zeros((L, E + 1))}, 1)

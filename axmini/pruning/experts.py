@@ -4,7 +4,12 @@ calibration batches, drop the least important experts of every MoE layer, return
 Criteria (`ImportanceCriterion`): how often the router sends tokens to the expert, the norm of its
 router column, the norm of its weights, the mean norm of its outputs, and the norm of the loss gradient
 with respect to its weights. Pruning is one-shot (`rounds=1`) or iterative: importance is re-estimated
-on the pruned model between rounds.
+on the pruned model between rounds. MC-Suite's two corrections are options of `prune`:
+
+- `lottery`: task-agnostic fine-tuning of the pruned model between rounds ("MoE Lottery Subnetworks"), so
+  each re-estimation sees a model that has recovered from the previous drop;
+- `recovery`: fine-tuning after the last round on instruction-following data (supervised fine-tuning; its
+  batches' `target_weights` select the response tokens), which expert dropping hurts most.
 
 The result is a config (every MoE's `num_experts` lowered) and the matching parameters: the kept
 experts' weights and router columns, every other parameter unchanged. A stacked MoE layer (scanned
@@ -14,20 +19,27 @@ layers, parallel tracks) prunes each of its stacked layers separately, so shapes
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import flax.nnx as nnx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from axmini.config import ConfigBase, find_configs, map_configs
 from axmini.layers.moe import MoE
-from axmini.module import build_abstract, capture_aux
-
-Batch = Mapping[str, jax.Array]
-LossFn = Callable[[nnx.Module, Batch], jax.Array]
+from axmini.module import build_abstract
+from axmini.pruning.calibration import (
+    Batch,
+    LossFn,
+    accumulate_gradients,
+    decoder_loss,
+    evaluate,
+    flat,
+    mean_summaries,
+)
+from axmini.pruning.fine_tune import FineTuning, fine_tune
+from axmini.pruning.slicing import build, check_plain_weights, per_unit_sum, take_along
 
 _EXPERT_WEIGHTS = ("wi_0", "wi_1", "wi", "wo")
 
@@ -40,11 +52,6 @@ class ImportanceCriterion(enum.Enum):
     WEIGHT_NORM = "weight_norm"  # L2 norm of all the expert's FFN weights.
     ACTIVATION_NORM = "activation_norm"  # Mean L2 norm of the expert's outputs on the tokens it processed.
     GRADIENT_NORM = "gradient_norm"  # L2 norm of d(loss)/d(expert weights), over all calibration batches.
-
-
-def decoder_loss(model: nnx.Module, batch: Batch) -> jax.Array:
-    """The loss of a model with the Decoder contract: `model(batch) -> (loss, metrics)`."""
-    return model(batch)[0]
 
 
 def moe_layers(model: nnx.Module) -> dict[str, MoE]:
@@ -60,18 +67,10 @@ def _join(path: str, name: str) -> str:
     return f"{path}/{name}" if path else name
 
 
-def _flat(state: nnx.State) -> dict[str, nnx.Variable]:
-    return {"/".join(map(str, path)): v for path, v in nnx.to_flat_state(state)}
-
-
 def _per_expert_sum_of_squares(values: Iterable[tuple[Any, int]]) -> np.ndarray:
     """Sum of squares of each expert's slice, over (array, expert axis) pairs: [..., E]. The dims before
     the expert axis are stacked layers (or tracks) and are kept."""
-    total = 0.0
-    for value, axis in values:
-        moved = np.moveaxis(np.asarray(value, np.float64), axis, -1)
-        total = total + np.sum(np.square(moved), axis=tuple(range(axis, moved.ndim - 1)))
-    return np.asarray(total)
+    return np.asarray(sum(per_unit_sum(np.square(value, dtype=np.float64), axis, axis) for value, axis in values))
 
 
 def _expert_weights(layer: MoE) -> dict[str, nnx.Param]:
@@ -105,41 +104,23 @@ def expert_importance(
 def _mean_summaries(
     model: nnx.Module, layers: dict[str, MoE], batches: Iterable[Batch], loss_fn: LossFn, name: str
 ) -> dict[str, np.ndarray]:
-    @nnx.jit
-    def summaries(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
-        return capture_aux(loss_fn, model, batch).summaries
-
-    totals: dict[str, np.ndarray] = {}
-    count = 0
-    for batch in batches:
-        values = summaries(model, batch)
-        for path in layers:
-            totals[path] = totals.get(path, 0.0) + np.asarray(values[_join(path, name)], np.float64)
-        count += 1
-    if not count:
-        raise ValueError("expert_importance: no calibration batches")
-    return {path: total / count for path, total in totals.items()}
+    summaries = mean_summaries(model, batches, loss_fn=loss_fn)
+    return {path: summaries[_join(path, name)] for path in layers}
 
 
 def _gradient_norms(
     model: nnx.Module, layers: dict[str, MoE], batches: Iterable[Batch], loss_fn: LossFn
 ) -> dict[str, np.ndarray]:
-    @nnx.jit
-    def grads(model: nnx.Module, batch: Batch) -> nnx.State:
-        return nnx.grad(lambda m: capture_aux(loss_fn, m, batch).output)(model)
-
     squares: dict[str, np.ndarray] = {}
-    count = 0
-    for batch in batches:
-        grad = _flat(grads(model, batch))
+
+    def add(grads: dict[str, nnx.Variable]) -> None:
         for path, layer in layers.items():
             values = (
-                (grad[_join(path, name)].get_value(), _expert_axis(w)) for name, w in _expert_weights(layer).items()
+                (grads[_join(path, name)].get_value(), _expert_axis(w)) for name, w in _expert_weights(layer).items()
             )
             squares[path] = squares.get(path, 0.0) + _per_expert_sum_of_squares(values)
-        count += 1
-    if not count:
-        raise ValueError("expert_importance: no calibration batches")
+
+    accumulate_gradients(model, batches, add, loss_fn=loss_fn)
     return {path: np.sqrt(total) for path, total in squares.items()}
 
 
@@ -154,8 +135,7 @@ class PruneResult(NamedTuple):
 
     def build(self) -> nnx.Module:
         """The pruned model."""
-        graphdef, _ = nnx.split(build_abstract(self.config))
-        return nnx.merge(graphdef, self.state)
+        return build(self.config, self.state)
 
 
 def drop_experts(cfg: ConfigBase, model: nnx.Module, scores: Mapping[str, np.ndarray], num: int) -> PruneResult:
@@ -174,6 +154,7 @@ def drop_experts(cfg: ConfigBase, model: nnx.Module, scores: Mapping[str, np.nda
 
 
 def _check_prunable(cfg: ConfigBase, num: int) -> None:
+    check_plain_weights(cfg)
     if num < 0:
         raise ValueError(f"prune: num_to_prune={num} must be >= 0")
     for path, moe in find_configs(cfg, MoE):
@@ -186,34 +167,25 @@ def _check_prunable(cfg: ConfigBase, num: int) -> None:
             )
 
 
-def _take(value: np.ndarray, indices: np.ndarray, axis: int) -> np.ndarray:
-    """value[..., indices[...], ...] along `axis`, where `indices` has value's leading (stacked) dims."""
-    lead = indices.ndim - 1
-    index = indices.reshape(
-        indices.shape[:-1] + (1,) * (axis - lead) + indices.shape[-1:] + (1,) * (np.ndim(value) - axis - 1)
-    )
-    return np.take_along_axis(np.asarray(value), index, axis=axis)
-
-
 def _select_experts(
     model: nnx.Module, new_cfg: ConfigBase, layers: dict[str, MoE], kept: dict[str, np.ndarray]
 ) -> nnx.State:
     _, abstract_state = nnx.split(build_abstract(new_cfg))
-    old = _flat(nnx.state(model, nnx.Not(nnx.Intermediate)))
-    flat = []
+    old = flat(nnx.state(model, nnx.Not(nnx.Intermediate)))
+    selected = []
     for path, variable in nnx.to_flat_state(abstract_state):
         key = "/".join(map(str, path))
         layer_path, _, name = key.rpartition("/")
         value = old[key].get_value()
         if layer_path in layers and name == "router":
-            value = _take(value, kept[layer_path], np.ndim(value) - 1)
+            value = take_along(value, kept[layer_path], np.ndim(value) - 1)
         elif layer_path in layers and name in _EXPERT_WEIGHTS:
-            value = _take(value, kept[layer_path], _expert_axis(old[key]))
+            value = take_along(value, kept[layer_path], _expert_axis(old[key]))
         expected = tuple(variable.get_value().shape)
         if tuple(np.shape(value)) != expected:
             raise ValueError(f"prune: {key} has shape {np.shape(value)}; the pruned config expects {expected}")
-        flat.append((path, old[key].replace(jnp.asarray(value))))
-    return nnx.from_flat_state(flat)
+        selected.append((path, old[key].replace(jnp.asarray(value))))
+    return nnx.from_flat_state(selected)
 
 
 def prune(
@@ -224,12 +196,15 @@ def prune(
     num_to_prune: int,
     criterion: ImportanceCriterion = ImportanceCriterion.FREQUENCY,
     rounds: int = 1,
+    lottery: FineTuning | None = None,
+    recovery: FineTuning | None = None,
     loss_fn: LossFn = decoder_loss,
 ) -> PruneResult:
     """Drops `num_to_prune` experts from every MoE layer of `model` (built from `cfg`).
 
     With `rounds > 1` it drops them in that many steps (as evenly as possible), re-estimating importance
-    on the pruned model before each step. `batches` is re-iterated every round: pass a list.
+    on the pruned model before each step. `batches` is re-iterated every round: pass a list. `lottery`
+    fine-tunes the pruned model after every round but the last; `recovery` fine-tunes it after the last.
     """
     if rounds < 1 or rounds > max(num_to_prune, 1):
         raise ValueError(f"prune: rounds={rounds} must be in [1, num_to_prune={num_to_prune}]")
@@ -237,24 +212,18 @@ def prune(
     batches = list(batches)
     steps = [num_to_prune // rounds + (i < num_to_prune % rounds) for i in range(rounds)]
     result = None
-    for step in steps:
+    for i, step in enumerate(steps):
         scores = expert_importance(model, batches, criterion, loss_fn=loss_fn)
         step_result = drop_experts(cfg, model, scores, step)
         if result is not None:  # Map this round's indices back to the original experts.
             kept = {p: np.take_along_axis(result.kept[p], k, axis=-1) for p, k in step_result.kept.items()}
             step_result = step_result._replace(kept=kept)
-        result = step_result
-        cfg, model = result.config, result.build()
+        cfg, model = step_result.config, step_result.build()
+        tuning = lottery if i < rounds - 1 else recovery
+        if tuning is not None:
+            fine_tune(model, tuning, loss_fn=loss_fn)
+        result = step_result._replace(state=nnx.state(model, nnx.Not(nnx.Intermediate)))
     return result
-
-
-def evaluate(model: nnx.Module, batches: Iterable[Batch], *, loss_fn: LossFn = decoder_loss) -> float:
-    """The mean loss over `batches` (compare a model before and after pruning)."""
-    loss = nnx.jit(lambda m, b: capture_aux(loss_fn, m, b).output)
-    values = [float(loss(model, batch)) for batch in batches]
-    if not values:
-        raise ValueError("evaluate: no batches")
-    return float(np.mean(values))
 
 
 def evaluate_pruning(
