@@ -126,13 +126,19 @@ sys.exit(run_local([sys.executable, "-c", worker, sys.argv[1]], num_processes=2,
 """
 
 
-def test_terminated_launcher_stops_its_processes(tmp_path: Path) -> None:
+def started_launcher(tmp_path: Path) -> tuple[subprocess.Popen, list[Path]]:
+    """The launcher program, once both its workers have written their pid files (worker pid, its child's pid)."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     launcher_proc = subprocess.Popen([sys.executable, "-c", LAUNCHER_PROGRAM, str(tmp_path)], env=env)
     pid_files = [tmp_path / "pids0", tmp_path / "pids1"]
     deadline = time.monotonic() + 60
     while not all(f.exists() and f.read_text() for f in pid_files) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return launcher_proc, pid_files
+
+
+def test_terminated_launcher_stops_its_processes(tmp_path: Path) -> None:
+    launcher_proc, pid_files = started_launcher(tmp_path)
     launcher_proc.send_signal(signal.SIGTERM)
     assert launcher_proc.wait(timeout=30) == 128 + signal.SIGTERM
     pids = [int(pid) for f in pid_files for pid in f.read_text().split()]
@@ -144,12 +150,7 @@ def test_terminated_launcher_stops_its_processes(tmp_path: Path) -> None:
 
 def test_killed_launcher_leaves_no_worker(tmp_path: Path) -> None:
     """SIGKILL gives the launcher no chance to stop anything: the workers must die with it (parent-death signal)."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    launcher_proc = subprocess.Popen([sys.executable, "-c", LAUNCHER_PROGRAM, str(tmp_path)], env=env)
-    pid_files = [tmp_path / "pids0", tmp_path / "pids1"]
-    deadline = time.monotonic() + 60
-    while not all(f.exists() and f.read_text() for f in pid_files) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    launcher_proc, pid_files = started_launcher(tmp_path)
     workers = [int(f.read_text().split()[0]) for f in pid_files]
     launcher_proc.kill()
     assert launcher_proc.wait(timeout=30) == -signal.SIGKILL
