@@ -437,7 +437,10 @@ def test_modifier_every_other_layer_gives_a_dense_moe_pattern():
     assert isinstance(cfg.stack, PatternStack.Config) and cfg.stack.num_layers == 4
     assert [type(c.feed_forward) for c in cfg.stack.pattern] == [FeedForward.Config, MoE.Config]
     model = build_abstract(cfg)
-    assert [type(layer.feed_forward).__name__ for layer in model.stack.layers] == ["FeedForward", "MoE"] * 2
+    assert [c.feed_forward.klass for c in model.stack.layer_configs()] == [FeedForward, MoE] * 2
+    group = model.stack.groups["0"]  # The pattern [dense, MoE], scanned twice.
+    assert [type(group.layers[str(i)].feed_forward).__name__ for i in range(2)] == ["FeedForward", "MoE"]
+    assert group.layers["1"].feed_forward.wi_0.get_value().shape == (2, E, D, F)
 
 
 def test_modifier_every_other_layer_tiles_an_existing_local_global_pattern():
@@ -460,6 +463,6 @@ def test_aux_losses_reach_the_decoder_at_their_exact_paths(every):
     losses = nnx.jit(lambda m, b: capture_aux(lambda m, b: m(b), m, b).losses)(
         model, {"input_ids": ids, "target_ids": ids}
     )
-    prefix = "stack/layers/feed_forward" if every == 1 else "stack/layers/1/feed_forward"
+    prefix = "stack/layers/feed_forward" if every == 1 else "stack/groups/0/layers/1/feed_forward"
     assert set(losses) == {f"{prefix}/load_balance_loss", f"{prefix}/router_z_loss"}
     assert all(float(v) > 0 for v in losses.values())

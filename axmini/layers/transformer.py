@@ -3,7 +3,8 @@
 - `TransformerLayer`: pre-norm residual block with three slots (`norm`, `self_attention`, `feed_forward`).
 - `RepeatedStack`: one layer config x `num_layers`; parameters stacked on a leading `layers` axis and run
   with `jax.lax.scan` (one compiled layer whatever the depth), in training and in decoding.
-- `PatternStack`: a list of layer configs tiled to `num_layers` ("3 local : 1 global", "dense, MoE").
+- `PatternStack`: a list of layer configs tiled to `num_layers` ("3 local : 1 global", "dense, MoE"), scanned
+  over repeats of the pattern (one `LayerGroup` of the pattern's layers, parameters stacked per repeat).
 - KV-cache sharing (Apple Foundation LM 2025): with `kv_sharing=(a, b)` both stacks split into two blocks
   of depth ratio a:b. Second-block layers have no key/value projections (their projection becomes a
   `QueryOnlyProjection`) and attend to the keys/values of the LAST first-block layer; only first-block
@@ -296,11 +297,67 @@ class RepeatedStack(BaseStack):
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_kv_layers, *a.shape)), one)
 
 
-class PatternStack(BaseStack):
-    """The layer configs in `pattern`, tiled to `num_layers` (unrolled; each layer has its own params).
+def _in_order(modules: nnx.Dict, count: int) -> list[nnx.Module]:
+    """The `count` modules of an nnx.Dict keyed "0", "1", ..., in index order (its len() also counts what nnx.capture
+    attaches)."""
+    return [modules[str(i)] for i in range(count)]
 
-    E.g. pattern=[local, local, local, global] with num_layers=8 gives L L L G L L L G. The cache is a
-    tuple with one entry per first-block layer.
+
+class LayerGroup(Layer):
+    """Layers applied in turn, with a layer's call contract: the unit a PatternStack scans over.
+
+    Its cache is a tuple with one entry per layer; its `kv` is its last layer's. In a KV-sharing consumer group every
+    layer reads the same `shared_kv`. Layers are kept in an nnx.Dict keyed "0", "1", ... (not an nnx.List, whose mix of
+    int keys and the str keys nnx.capture adds cannot be split inside a capture, as the scan does).
+    """
+
+    class Config(Layer.Config):
+        input_dim: Required[int] = REQUIRED
+        layers: list[Layer.Config] = []
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self.layers = nnx.Dict(
+            {
+                str(i): fill_child(layer, parent=cfg, input_dim=cfg.input_dim).instantiate(rngs=rngs)
+                for i, layer in enumerate(cfg.layers)
+            }
+        )
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: Any | None = None,
+        shared_kv: KV | None = None,
+    ) -> LayerOutput:
+        caches, kv = [], None
+        for i, layer in enumerate(_in_order(self.layers, len(self.config.layers))):
+            layer_cache = None if cache is None else cache[i]
+            out = layer(x, positions=positions, segment_ids=segment_ids, cache=layer_cache, shared_kv=shared_kv)
+            x, kv = out.x, out.kv
+            caches.append(out.cache)
+        return LayerOutput(x, tuple(caches) if cache is not None else None, kv)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
+        return tuple(
+            layer.init_cache(batch_size, max_length, dtype) for layer in _in_order(self.layers, len(self.config.layers))
+        )
+
+
+class PatternStack(BaseStack):
+    """The layer configs in `pattern`, tiled to `num_layers`, scanned over repeats of the pattern.
+
+    E.g. pattern=[local, local, local, global] with num_layers=8 gives L L L G L L L G: one `LayerGroup` of the
+    four pattern layers, its parameters stacked twice on a leading `layers` axis (`groups/0/layers/3/...` is the
+    global layer of every repeat), run with jax.lax.scan. So build and compile time do not grow with depth.
+
+    With KV sharing the two blocks are separate groups (the second of query-only consumers); a block whose length
+    is not a multiple of the pattern ends in a group of one repeat holding the rest. The cache is a tuple with one
+    entry per first-block group: its layers' caches, stacked over repeats. Remat applies to each group call.
     """
 
     class Config(BaseStack.Config):
@@ -316,27 +373,61 @@ class PatternStack(BaseStack):
                 f"len({config_path(cfg, 'pattern')})={period}; use num_layers = k * {period or 'len(pattern)'}"
             )
         layer_cfgs = self._block_configs([cfg.pattern[i % period] for i in range(cfg.num_layers)])
-        self.layers = nnx.List([c.instantiate(rngs=rngs) for c in layer_cfgs])
+        runs = []  # (first layer, layers, repeats) of each group: whole patterns of a block, then its rest.
+        for start, end in ((0, self.num_kv_layers), (self.num_kv_layers, cfg.num_layers)):
+            repeats = (end - start) // period
+            rest = start + repeats * period
+            runs += [(start, period, repeats)] if repeats else []
+            runs += [(rest, end - rest, 1)] if rest < end else []
+            if start == 0:
+                self.num_kv_groups = len(runs)
+        self.repeats = tuple(repeats for _, _, repeats in runs)
+
+        def group(first: int, size: int) -> LayerGroup.Config:
+            return LayerGroup.default_config().set(input_dim=cfg.input_dim, layers=layer_cfgs[first : first + size])
+
+        self.groups = nnx.Dict(
+            {
+                str(i): stack_modules(group(first, size), repeats, axis="layers", rngs=rngs)
+                for i, (first, size, repeats) in enumerate(runs)
+            }
+        )
 
     def __call__(
         self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
     ) -> StackOutput:
-        n_kv = self.num_kv_layers
-        remat = self.config.remat
-        call = _call_layer if remat is RematPolicy.NONE else nnx.remat(_call_layer, policy=remat.policy)
         new_cache, kv = [], None
-        for i, layer in enumerate(self.layers):
-            layer_cache = cache[i] if cache is not None and i < n_kv else None
-            out = call(layer, x, positions, segment_ids, layer_cache, kv if i >= n_kv else None)
-            x = out.x
-            if i < n_kv:
-                new_cache.append(out.cache)
-                kv = out.kv
+        last_producer = self.num_kv_groups - 1
+        for i, group in enumerate(_in_order(self.groups, len(self.repeats))):
+            producer = i < self.num_kv_groups
+            x, group_cache, group_kv = _scan_layers(
+                group,
+                x,
+                positions=positions,
+                segment_ids=segment_ids,
+                cache=cache[i] if cache is not None and producer else None,
+                shared_kv=None if producer else kv,
+                want_kv=i == last_producer and len(self.repeats) > self.num_kv_groups,
+                remat=self.config.remat,
+            )
+            if producer:
+                new_cache.append(group_cache)
+                kv = group_kv if i == last_producer else kv
         return StackOutput(x, tuple(new_cache) if cache is not None else None)
 
+    def layer_configs(self) -> list[Layer.Config]:
+        """The config of every layer in order, as built (second-block layers with their query-only projections)."""
+        groups = zip(_in_order(self.groups, len(self.repeats)), self.repeats)
+        return [layer for group, n in groups for _ in range(n) for layer in group.config.layers]
+
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
-        """One cache per first-block layer, in a tuple."""
-        return tuple(layer.init_cache(batch_size, max_length, dtype) for layer in self.layers[: self.num_kv_layers])
+        """Per first-block group, its layers' caches stacked over its repeats."""
+        return tuple(
+            jax.tree.map(
+                lambda a, n=n: jnp.broadcast_to(a, (n, *a.shape)), group.init_cache(batch_size, max_length, dtype)
+            )
+            for group, n in zip(_in_order(self.groups, len(self.repeats))[: self.num_kv_groups], self.repeats)
+        )
 
 
 def _call_layer(
