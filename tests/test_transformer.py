@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from axmini.config import REQUIRED, ConfigValueError, Required
+from axmini.config import REQUIRED, ConfigBase, ConfigValueError, Required
 from axmini.layers.attention import Attention, QueryOnlyProjection
 from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPEModifier, RoPEProjection
@@ -14,6 +14,7 @@ from axmini.layers.transformer import (
     GlobalLocalModifier,
     KVSharingModifier,
     PatternStack,
+    RematModifier,
     RematPolicy,
     RepeatedStack,
     TransformerLayer,
@@ -163,8 +164,8 @@ def _jaxpr_text(fn, module) -> str:
 @pytest.mark.parametrize(
     ("klass", "policies"),
     [
-        (RepeatedStack, [RematPolicy.FULL, RematPolicy.DOTS_WITH_NO_BATCH_DIMS_SAVEABLE]),
-        (PatternStack, [RematPolicy.DOTS_SAVEABLE]),
+        (RepeatedStack, [RematPolicy.NOTHING_SAVEABLE, RematPolicy.DOTS_WITH_NO_BATCH_DIMS_SAVEABLE]),
+        (PatternStack, [RematPolicy.DOTS_SAVEABLE, RematPolicy.OFFLOAD_DOTS_WITH_NO_BATCH_DIMS]),
     ],
 )
 def test_remat_keeps_outputs_and_gradients(klass, policies):
@@ -405,6 +406,14 @@ def test_kv_sharing_needs_a_qkv_projection_slot():
     cfg.layer.self_attention = _NoQKVAttention.default_config()
     with pytest.raises(ValueError, match="KV sharing needs layers whose attention has a QKV projection slot"):
         build_abstract(cfg)
+
+
+def test_remat_modifier_reaches_every_stack():
+    class Tree(ConfigBase):
+        stacks: list = [_repeated(), _global_local()]
+
+    modifier = RematModifier.default_config().set(policy=RematPolicy.DOTS_SAVEABLE).instantiate()
+    assert [stack.remat for stack in modifier(Tree()).stacks] == [RematPolicy.DOTS_SAVEABLE] * 2
 
 
 def test_kv_sharing_modifier_reaches_every_stack():

@@ -98,17 +98,26 @@ class TransformerLayer(Layer):
 
 
 class RematPolicy(enum.Enum):
-    """What each layer keeps for the backward pass (jax.checkpoint policies)."""
+    """What each layer (scanned group, for a PatternStack) keeps for the backward pass: a jax.checkpoint policy."""
 
-    NONE = "none"  # Keep every activation (fastest, most memory).
-    FULL = "full"  # Keep only the layer input; recompute the rest.
-    DOTS_SAVEABLE = "dots_saveable"  # Keep matmul outputs.
-    DOTS_WITH_NO_BATCH_DIMS_SAVEABLE = "dots_with_no_batch_dims_saveable"  # Keep weight matmuls, not attention.
+    NONE = "none"  # No remat: keep every activation (fastest, most memory).
+    NOTHING_SAVEABLE = "nothing_saveable"  # Keep only the layer's input; recompute the rest (least memory).
+    DOTS_SAVEABLE = "dots_saveable"  # Keep every matmul output.
+    DOTS_WITH_NO_BATCH_DIMS_SAVEABLE = "dots_with_no_batch_dims_saveable"  # Keep weight matmuls; recompute attention.
+    # As DOTS_WITH_NO_BATCH_DIMS_SAVEABLE, kept in pinned host memory instead of device memory (GPU, TPU; a device
+    # without pinned host memory keeps them).
+    OFFLOAD_DOTS_WITH_NO_BATCH_DIMS = "offload_dot_with_no_batch_dims"
 
     @property
     def policy(self) -> Callable | None:
-        """The jax.checkpoint policy (None: save nothing but the inputs)."""
-        return getattr(jax.checkpoint_policies, self.value) if self.value.startswith("dots") else None
+        """The jax.checkpoint policy (None for NONE: no checkpoint at all)."""
+        if self is RematPolicy.NONE:
+            return None
+        if self is RematPolicy.OFFLOAD_DOTS_WITH_NO_BATCH_DIMS:
+            if not any(memory.kind == "pinned_host" for memory in jax.devices()[0].addressable_memories()):
+                return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+        return getattr(jax.checkpoint_policies, self.value)
 
     def apply(self, fn: Callable) -> Callable:
         """`fn` wrapped in jax.checkpoint with this policy (unchanged for NONE)."""
@@ -495,3 +504,13 @@ class GlobalLocalModifier(ConfigModifier):
         if mcfg.strip_global_rope:
             global_ = map_configs(global_, RoPEProjection, lambda rope: rope.inner)
         return stack.set(pattern=[local] * mcfg.local_layers + [global_] * mcfg.global_layers)
+
+
+class RematModifier(ConfigModifier):
+    """Sets the remat policy of every stack in a tree (e.g. from a mesh rule, for the hardware's memory)."""
+
+    class Config(ConfigModifier.Config):
+        policy: RematPolicy = RematPolicy.NOTHING_SAVEABLE
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        return map_configs(cfg, BaseStack.matches, lambda stack: stack.set(remat=self.config.policy))
