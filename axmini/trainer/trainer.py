@@ -54,7 +54,7 @@ from axmini.trainer.checkpointer import Checkpointer
 from axmini.trainer.evaluator import Evaluator
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 from axmini.trainer.learner import Learner
-from axmini.trainer.summary import ProgressBar, SummaryWriter, mfu
+from axmini.trainer.summary import ProgressBar, SummaryWriter, flops_per_token, mfu
 
 State = dict[str, Any]
 BATCH_AXES = ("batch", "length")
@@ -136,6 +136,7 @@ class Trainer(Configurable):
 
         abstract_model = build_abstract(cfg.model, cfg.seed)
         self.num_params = count_params(abstract_model)
+        self.flops_per_token = flops_per_token(abstract_model, cfg.input.sequence_length)  # Attention included.
         self._graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
         self.abstract_state = jax.eval_shape(self._init_state)
         self.state_shardings = state_shardings(self.abstract_state, self.mesh, self.rules)
@@ -400,7 +401,7 @@ class Trainer(Configurable):
 
     def _speed(self, tokens_per_second: float) -> dict[str, float]:
         speed = {"tokens_per_second": tokens_per_second}
-        utilization = mfu(tokens_per_second, self.num_params, self.mesh.size, self.instance.peak_flops_per_chip)
+        utilization = mfu(tokens_per_second, self.flops_per_token, self.mesh.size, self.instance.peak_flops_per_chip)
         if utilization is not None:
             speed["mfu"] = utilization
         return speed
