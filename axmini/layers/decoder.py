@@ -132,13 +132,18 @@ class Decoder(Layer):
             if batch.get("segment_ids") is not None:
                 weights &= batch["segment_ids"] != 0
         weights = weights.astype(jnp.float32)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
+        # One reduction over the logits serves the normalizer and the accuracy (a target is correct when its logit is
+        # the largest; a tie counts as correct): an argmax would read the [B, T, V] logits once more.
+        max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+        log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits - max_logit[..., None]), axis=-1))
         target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
         num_tokens = jnp.sum(weights)
         denominator = jnp.maximum(num_tokens, 1.0)
         cross_entropy = jnp.sum((log_z - target_logits) * weights) / denominator
-        z_loss = cfg.z_loss_weight * jnp.sum(jnp.square(log_z) * weights) / denominator
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        z_loss = jnp.zeros((), jnp.float32)
+        if cfg.z_loss_weight:
+            z_loss = cfg.z_loss_weight * jnp.sum(jnp.square(log_z) * weights) / denominator
+        correct = (target_logits >= max_logit).astype(jnp.float32)
         loss = cross_entropy + z_loss
         metrics = {
             "loss": loss,
