@@ -110,8 +110,8 @@ def bench(name: str, steps: int, rounds: int) -> dict[str, Any]:
         for _ in range(rounds):  # Steps alternate one by one, so that both meet the same load.
             for batch in batches:
                 t, c = time.perf_counter(), time.process_time()
-                state, metrics = trainer.train_step(state, batch)  # Metrics come back as floats.
-                trainer_losses.append(metrics["loss"])
+                state, metrics = trainer.train_step(state, batch)
+                trainer_losses.append(float(jax.device_get(metrics)["loss"]))
                 trainer_times.append(time.perf_counter() - t)
                 trainer_cpu.append(time.process_time() - c)
                 t, c = time.perf_counter(), time.process_time()

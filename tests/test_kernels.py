@@ -126,7 +126,7 @@ def test_blocked_window_reads_a_key_buffer_before_the_queries():
     kv_positions = np.concatenate([[-1], np.arange(4, 8), np.arange(8, 28)]).astype(np.int32)[None]
     mask = AttentionMask(q_positions, kv_positions, sliding_window=5, aligned=True)
     want = ReferenceKernel.default_config().set(window_block_size=None).instantiate()(q, k, v, mask)
-    attend = ReferenceKernel.default_config().instantiate()._attend_masked
+    attend = ReferenceKernel.default_config().instantiate().attend
     got = blocked_window_attention(q, k, v, mask, block_size=4, attend=lambda *a: attend(*a, logit_softcap=None))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
 

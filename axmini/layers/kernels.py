@@ -112,36 +112,35 @@ class DenseKernel(BaseAttentionKernel):
         self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None = None
     ) -> Array:
         block = self.config.window_block_size
-        attend = functools.partial(self._attend_masked, logit_softcap=logit_softcap)
+        attend = functools.partial(self.attend, logit_softcap=logit_softcap)
         if mask.aligned and mask.sliding_window is not None and block is not None:
             if q.shape[1] > block + mask.sliding_window:
                 return blocked_window_attention(q, k, v, mask, block_size=block, attend=attend)
         return attend(q, k, v, mask)
 
-    def _attend_masked(
-        self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None
-    ) -> Array:
+    def attend(self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None) -> Array:
+        """Attention under the full [B,T,S] mask of `mask` (never blocked); rows with nothing visible are zero."""
         dense = mask.dense()
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = self.attend(q, k, v, dense, logit_softcap=logit_softcap)
+        out = self.attend_dense(q, k, v, dense, logit_softcap=logit_softcap)
         return jnp.where(jnp.any(dense, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
 
-    def attend(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
-        """Attention under a [B,T,S] bool mask (rows with nothing visible: any value, zeroed by the caller)."""
+    def attend_dense(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
+        """Attention under a [B,T,S] bool mask (rows with nothing visible: any value, zeroed by `attend`)."""
         raise NotImplementedError(type(self))
 
 
 class ReferenceKernel(DenseKernel):
     """einsum + mask (`reference_attention`)."""
 
-    def attend(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
+    def attend_dense(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
         return reference_attention(q, k, v, mask, logit_softcap=logit_softcap)
 
 
 class XLAKernel(DenseKernel):
     """`jax.nn.dot_product_attention(implementation="xla")` with the mask (soft-capping: the reference math)."""
 
-    def attend(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
+    def attend_dense(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
         if logit_softcap is not None:
             return reference_attention(q, k, v, mask, logit_softcap=logit_softcap)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
@@ -230,12 +229,20 @@ class FlashKernel(BaseAttentionKernel):
         logit_softcap: float | None = None,
         backend: str | None = None,
     ) -> str | None:
-        """Why this call cannot use the kernel (None: it can). `backend` defaults to jax's default backend."""
-        backend = backend or jax.default_backend()
+        """Why this call cannot use the kernel (None: it can). `backend` defaults to the one this kernel would run
+        on now (jax's default backend)."""
+        backend = backend or self._current_backend()
         if backend != self.backend:
             return f"{type(self).__name__} runs on {self.backend}, not {backend}"
         if not mask.aligned or k.shape[1] != q.shape[1]:
             return "the keys are not the queries' own tokens (a decode step against a cache, or a key buffer)"
+        return self._input_reason(q, logit_softcap)
+
+    def _current_backend(self) -> str:
+        return jax.default_backend()
+
+    def _input_reason(self, q: Array, logit_softcap: float | None) -> str | None:
+        """Why the kernel cannot take these inputs (dtype, head size, length, soft-capping); None: it can."""
         return None
 
     def __call__(
@@ -292,25 +299,15 @@ class CudnnKernel(FlashKernel):
         super().__init__(cfg)
         check_positive(self.config, "max_segments_per_row")
 
-    def unsupported_reason(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        mask: AttentionMask,
-        *,
-        logit_softcap: float | None = None,
-        backend: str | None = None,
-    ) -> str | None:
-        reason = super().unsupported_reason(q, k, v, mask, logit_softcap=logit_softcap, backend=backend)
+    def _input_reason(self, q: Array, logit_softcap: float | None) -> str | None:
         head_dim = q.shape[-1]
-        if reason is None and logit_softcap is not None:
-            reason = "cuDNN has no logit soft-capping"
-        if reason is None and jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            reason = f"cuDNN needs bfloat16 or float16 activations, not {jnp.dtype(q.dtype).name}"
-        if reason is None and (head_dim % 8 or head_dim > 256):
-            reason = f"cuDNN needs head_dim a multiple of 8 up to 256, not {head_dim}"
-        return reason
+        if logit_softcap is not None:
+            return "cuDNN has no logit soft-capping"
+        if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return f"cuDNN needs bfloat16 or float16 activations, not {jnp.dtype(q.dtype).name}"
+        if head_dim % 8 or head_dim > 256:
+            return f"cuDNN needs head_dim a multiple of 8 up to 256, not {head_dim}"
+        return None
 
     def flash(self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None) -> Array:
         del logit_softcap  # Refused by unsupported_reason.
@@ -377,23 +374,14 @@ class SplashKernel(FlashKernel):
         cfg = self.config
         check_positive(cfg, "block_size")
 
-    def unsupported_reason(
-        self,
-        q: Array,
-        k: Array,
-        v: Array,
-        mask: AttentionMask,
-        *,
-        logit_softcap: float | None = None,
-        backend: str | None = None,
-    ) -> str | None:
-        if self.config.interpret and backend is None:
-            backend = self.backend
-        reason = super().unsupported_reason(q, k, v, mask, logit_softcap=logit_softcap, backend=backend)
+    def _current_backend(self) -> str:
+        return self.backend if self.config.interpret else super()._current_backend()
+
+    def _input_reason(self, q: Array, logit_softcap: float | None) -> str | None:
         block = self._block(q.shape[1])
-        if reason is None and (block % 128 or q.shape[1] % block):
-            reason = f"splash attention needs a sequence length that is a multiple of 128, not {q.shape[1]}"
-        return reason
+        if block % 128 or q.shape[1] % block:
+            return f"splash attention needs a sequence length that is a multiple of 128, not {q.shape[1]}"
+        return None
 
     def _block(self, length: int) -> int:
         return min(self.config.block_size, length)

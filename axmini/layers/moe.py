@@ -310,19 +310,22 @@ class MoE(Layer):
         capacity_range = jnp.arange(routing.capacity, dtype=routing.slots.dtype)
         dispatch = (routing.slots[..., None] == capacity_range) & routing.kept[..., None]  # [G, S, E, C]
         combine = dispatch * routing.weights[..., None].astype(x.dtype)
-        # Dispatch is local to each group; moving the expert dim onto the `expert` mesh axis (and the
-        # groups off it) is then one all-to-all each way.
         expert_in = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
+        expert_out, output_norm = self._buffered_experts(expert_in, occupied=dispatch.any(axis=1))
+        return jnp.einsum("gsec,egcd->gsd", combine, expert_out), output_norm
+
+    def _buffered_experts(self, expert_in: Array, *, occupied: Array) -> tuple[Array, Array]:
+        """The experts on capacity-padded buffers [E, G, C, D], and the summed output norm of each expert over its
+        `occupied` [G, E, C] slots. Buffers are filled per group; moving the expert dim onto the `expert` mesh axis
+        (and the groups off it) is then one all-to-all each way."""
         expert_in = shard_activation(expert_in, (None, "batch", None, "embed"))
         expert_in = shard_activation(expert_in, ("expert", "batch", None, "embed"))
         hint = lambda h: shard_activation(h, ("expert", "batch", None, "mlp"))
         expert_out = self._experts(expert_in, lambda a, w: jnp.einsum("egci,eio->egco", a, w), hint)
         expert_out = shard_activation(expert_out, ("expert", "batch", None, "embed"))
         expert_out = shard_activation(expert_out, (None, "batch", None, "embed"))
-        occupied = dispatch.any(axis=1)  # [G, E, C]
         norms = jnp.linalg.norm(expert_out.astype(jnp.float32), axis=-1)  # [E, G, C]
-        output_norm = jnp.einsum("egc,gec->e", norms, occupied.astype(jnp.float32))
-        return jnp.einsum("gsec,egcd->gsd", combine, expert_out), output_norm
+        return expert_out, jnp.einsum("egc,gec->e", norms, occupied.astype(jnp.float32))
 
     def _gather_dispatch(self, x: Array, routing: Routing) -> tuple[Array, Array]:
         groups, group_size, num_experts = routing.kept.shape
@@ -335,14 +338,7 @@ class MoE(Layer):
         rows = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # Row group_size: zeros for empty slots.
         expert_in = jnp.take_along_axis(rows, index.reshape(groups, -1)[..., None], axis=1)
         expert_in = jnp.swapaxes(expert_in.reshape(groups, num_experts, capacity, -1), 0, 1)  # [E, G, C, D]
-        expert_in = shard_activation(expert_in, (None, "batch", None, "embed"))
-        expert_in = shard_activation(expert_in, ("expert", "batch", None, "embed"))
-        hint = lambda h: shard_activation(h, ("expert", "batch", None, "mlp"))
-        expert_out = self._experts(expert_in, lambda a, w: jnp.einsum("egci,eio->egco", a, w), hint)
-        expert_out = shard_activation(expert_out, ("expert", "batch", None, "embed"))
-        expert_out = shard_activation(expert_out, (None, "batch", None, "embed"))
-        norms = jnp.linalg.norm(expert_out.astype(jnp.float32), axis=-1)  # [E, G, C]
-        output_norm = jnp.einsum("egc,gec->e", norms, (index < group_size).astype(jnp.float32))
+        expert_out, output_norm = self._buffered_experts(expert_in, occupied=index < group_size)
         weighted = jnp.swapaxes(expert_out, 0, 1) * weight[..., None]  # [G, E, C, D]
         rows = jnp.zeros_like(rows).at[jnp.arange(groups)[:, None, None], index].add(weighted, mode="drop")
         return rows[:, :group_size], output_norm

@@ -421,7 +421,8 @@ class PatternStack(BaseStack):
             )
             if producer:
                 new_cache.append(group_cache)
-                kv = group_kv if i == last_producer else kv
+            if i == last_producer:
+                kv = group_kv  # What the second block's groups read (None without KV sharing).
         return StackOutput(x, tuple(new_cache) if cache is not None else None)
 
     def layer_configs(self) -> list[Layer.Config]:
