@@ -62,6 +62,17 @@ class _RequiredType:
 REQUIRED = _RequiredType()
 
 
+def optional(default: Any = None) -> Any:
+    """The default of an optional feature's field (`post_norm: RMSNorm.Config | None = optional(None)`).
+
+    Such a field is left out of `debug_string` (the golden text of a config) while it holds its default, so a
+    feature that is off by default changes no existing golden text; once set, it appears like any other field.
+    """
+    if _is_config_container(default):
+        raise TypeError("optional(): the default of an optional field must be a plain value (None, a number...)")
+    return dataclasses.field(default=default, metadata={"optional": True})
+
+
 class _RequiredAlias:
     """`Required[int]` is `int | REQUIRED`: the field holds an int once set, REQUIRED until then."""
 
@@ -226,6 +237,16 @@ class ConfigBase:
         return cls._hints
 
     @classmethod
+    def _optional_defaults(cls) -> dict[str, Any]:
+        """{name: default} of the fields declared with `optional(...)`."""
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("optional")}
+
+    def is_unset_optional(self, name: str) -> bool:
+        """Whether `name` is an optional feature's field that holds its default (left out of `debug_string`)."""
+        defaults = self._optional_defaults()
+        return name in defaults and getattr(self, name) == defaults[name]
+
+    @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
 
@@ -274,14 +295,15 @@ class ConfigBase:
         return "\n".join(f"{path}: {_format_leaf(value)}" for path, value in self.to_flat_dict().items())
 
     def to_flat_dict(self) -> dict[str, Any]:
-        """Maps the dotted path of every leaf (non-config value) to its value."""
+        """Maps the dotted path of every leaf (non-config value) to its value, optional fields at their default
+        (`optional`) left out."""
         flat: dict[str, Any] = {}
 
         def add_leaf(path: str, value: Any) -> None:
             if not _contains_config(value):
                 flat[path] = value
 
-        visit(self, add_leaf)
+        visit(self, add_leaf, omit_unset_optional=True)
         return flat
 
     def freeze(self: C) -> C:
@@ -328,11 +350,12 @@ def _hashable(value: Any) -> Any:
         return repr(value)
 
 
-def _children(value: Any) -> Iterator[tuple[str, Any]]:
-    """The (path suffix, child) pairs of a config or a container."""
+def _children(value: Any, omit_unset_optional: bool = False) -> Iterator[tuple[str, Any]]:
+    """The (path suffix, child) pairs of a config or a container (without unset optional fields, if asked)."""
     if isinstance(value, ConfigBase):
         for name, child in value.items():
-            yield f".{name}", child
+            if not (omit_unset_optional and value.is_unset_optional(name)):
+                yield f".{name}", child
     elif isinstance(value, (list, tuple)):
         for i, child in enumerate(value):
             yield f"[{i}]", child
@@ -347,13 +370,13 @@ def _contains_config(value: Any) -> bool:
     return isinstance(value, (list, tuple, dict)) and any(_contains_config(c) for _, c in _children(value))
 
 
-def visit(value: Any, fn: Callable[[str, Any], None], prefix: str = "") -> None:
+def visit(value: Any, fn: Callable[[str, Any], None], prefix: str = "", omit_unset_optional: bool = False) -> None:
     """Calls `fn(path, node)` on `value`'s fields and, recursively, on configs and lists of configs."""
-    for suffix, child in _children(value):
+    for suffix, child in _children(value, omit_unset_optional):
         path = (prefix + suffix).lstrip(".")
         fn(path, child)
         if _contains_config(child):
-            visit(child, fn, path)
+            visit(child, fn, path, omit_unset_optional)
 
 
 def _set_frozen(value: Any, frozen: bool) -> None:

@@ -6,6 +6,10 @@ ignored (prefilled as padding, segment 0, so it never enters the cache). Each ro
 own positions, prompt_lengths[b], prompt_lengths[b] + 1, ... Sampling is greedy at temperature 0, else
 softmax(logits / temperature) restricted to the top-k tokens and/or the top-p nucleus. A row stops after
 emitting one of `stop_ids`; the loop ends when every row has stopped or `max_new_tokens` are out.
+
+With a `constraint` (axmini/guided.py: a regex or JSON schema as token tables on device), the logits are masked at
+every step to the tokens that keep each row's output a prefix of a match that can still end within the tokens left;
+each row carries its automaton state, and stops after the EOS its accepting state allows.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from axmini.guided import GuidedGenerationError, TokenConstraint, constrain_logits
 from axmini.layers.decoder import Decoder
 
 Array = jax.Array
@@ -76,11 +81,13 @@ def generate(
     stop_ids: Sequence[int] = (),
     rng: Array | None = None,
     cache_dtype: Any = jnp.float32,
+    constraint: TokenConstraint | None = None,
 ) -> GenerateOutput:
     """Continues each right-padded prompt in `prompt_ids` [B,P] by up to `max_new_tokens` tokens.
 
     `max_length` is the number of positions the KV cache holds (default P + max_new_tokens); generating
-    past it is refused. `prompt_lengths` [B] defaults to P for every row and must be >= 1.
+    past it is refused. `prompt_lengths` [B] defaults to P for every row and must be >= 1. With a `constraint`
+    every row's output matches it (refused before decoding when no match fits in `max_new_tokens`).
     """
     batch, prompt_len = prompt_ids.shape
     if max_new_tokens < 1:
@@ -100,6 +107,17 @@ def generate(
             f"decoding {max_new_tokens} new tokens after prompts of length {prompt_len} needs {needed} cache "
             f"positions, past the cache length max_length={max_length}; raise max_length or lower max_new_tokens"
         )
+    if constraint is not None:
+        if constraint.next_state.shape[1] != model.config.vocab_size:
+            raise ValueError(
+                f"the constraint covers {constraint.next_state.shape[1]} token ids, the model has "
+                f"vocab_size={model.config.vocab_size}; build it with vocab_size={model.config.vocab_size}"
+            )
+        if constraint.min_tokens > max_new_tokens:
+            raise GuidedGenerationError(
+                f"the shortest output matching the constraint has {constraint.min_tokens} tokens, more than "
+                f"max_new_tokens={max_new_tokens}; raise max_new_tokens"
+            )
     return _generate(
         model,
         jnp.asarray(prompt_ids, jnp.int32),
@@ -112,6 +130,7 @@ def generate(
         top_p=top_p,
         stop_ids=tuple(int(s) for s in stop_ids),
         cache_dtype=cache_dtype,
+        constraint=constraint,
     )
 
 
@@ -132,14 +151,25 @@ def _generate(
     top_p: float | None,
     stop_ids: tuple[int, ...],
     cache_dtype: Any,
+    constraint: TokenConstraint | None,
 ) -> GenerateOutput:
     batch, prompt_len = prompt_ids.shape
     pad_id = model.config.pad_id
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    sample_fn = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
     stops = jnp.asarray(stop_ids, jnp.int32)
 
     def is_stop(token: Array) -> Array:
         return jnp.isin(token, stops) if stop_ids else jnp.zeros(token.shape, bool)
+
+    def sample(logits: Array, key: Array, state: Array, step: Array) -> tuple[Array, Array, Array]:
+        """The next token of each row, its automaton state and whether the row stops with it."""
+        if constraint is None:
+            token = sample_fn(logits, key)
+            return token, state, is_stop(token)
+        logits, following = constrain_logits(constraint, logits, state, max_new_tokens - step - 1)
+        token = sample_fn(logits, key)
+        state = jnp.take_along_axis(following, token[:, None], axis=1)[:, 0]
+        return token, state, is_stop(token) | (state == constraint.next_state.shape[0] - 1)
 
     # Prefill: the whole padded prompt at once; padding (segment 0) is neither cached nor attended.
     positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
@@ -149,25 +179,30 @@ def _generate(
     out = nnx.merge(graphdef, state).forward(prompt_ids, positions=positions, segment_ids=segment_ids, cache=cache)
     last_logits = jnp.take_along_axis(out.logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     rng, key = jax.random.split(rng)
-    token = sample(last_logits, key)
+    automaton = (
+        jnp.broadcast_to(constraint.initial, (batch,)) if constraint is not None else jnp.zeros((batch,), jnp.int32)
+    )
+    token, automaton, done = sample(last_logits, key, automaton, jnp.int32(0))
     tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    lengths = jnp.where(done, 1, max_new_tokens)
 
     def cond(carry: tuple) -> Array:
-        step, _, _, done, _, _ = carry
+        step, _, _, done, *_ = carry
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(carry: tuple) -> tuple:
-        step, token, cache, done, tokens, rng = carry
+        step, token, cache, done, tokens, lengths, automaton, rng = carry
         step_model = nnx.merge(graphdef, state)
         positions = (prompt_lengths + step - 1)[:, None]
         out = step_model.forward(token[:, None], positions=positions, cache=cache)
         rng, key = jax.random.split(rng)
-        token = jnp.where(done, pad_id, sample(out.logits[:, 0], key))
+        sampled, next_automaton, stops = sample(out.logits[:, 0], key, automaton, step)
+        token = jnp.where(done, pad_id, sampled)
         tokens = tokens.at[:, step].set(token)
-        return step + 1, token, out.cache, done | is_stop(token), tokens, rng
+        lengths = jnp.where(~done & stops, step + 1, lengths)
+        automaton = jnp.where(done, automaton, next_automaton)
+        return step + 1, token, out.cache, done | stops, tokens, lengths, automaton, rng
 
-    carry = (jnp.int32(1), token, out.cache, is_stop(token), tokens, rng)
-    tokens = jax.lax.while_loop(cond, body, carry)[4]
-    stopped = is_stop(tokens)
-    lengths = jnp.where(jnp.any(stopped, axis=1), jnp.argmax(stopped, axis=1) + 1, max_new_tokens)
+    carry = (jnp.int32(1), token, out.cache, done, tokens, lengths, automaton, rng)
+    _, _, _, _, tokens, lengths, _, _ = jax.lax.while_loop(cond, body, carry)
     return GenerateOutput(tokens, lengths.astype(jnp.int32))

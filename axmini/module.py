@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from axmini.config import Configurable, FunctionConfigBase, config_for_function
+from axmini.config import Configurable, FunctionConfigBase, config_for_function, optional
 
 # A logical-axis rule maps one logical name to a mesh axis, a tuple of mesh axes, or None (replicated).
 LogicalAxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
@@ -73,11 +73,28 @@ class Summary(nnx.Intermediate):
 
 
 class Layer(Configurable, nnx.Module):
-    """Base of every layer: built from its config, with one way to declare a parameter."""
+    """Base of every layer: built from its config, with one way to declare a parameter and one to read a weight.
+
+    `weight_names` lists the parameters that are weights of linear maps (not biases, norm scales or routers). The
+    layer reads them with `read_weight`, so a `weight_transform` in its config (QAT's fake quantization, a LoRA
+    adapter: see axmini/layers/weight_transform.py) rewrites them there, in every layer that has weights, without a
+    line of the layer knowing which transform it is. Building such a layer gives each weight `name` its own
+    transform module, `<name>_<suffix>` (e.g. `wi_0_lora`), built from the weight after the layer's own constructor.
+    """
 
     class Config(Configurable.Config):
         param_dtype: Any = jnp.float32
         param_init: FunctionConfigBase = config_for_function(fan_in_normal)
+        # A WeightTransform config applied to each of the layer's `weight_names` where it reads them. None: off.
+        weight_transform: Layer.Config | None = optional(None)
+
+        def instantiate(self, **kwargs: Any) -> Any:
+            layer = super().instantiate(**kwargs)
+            if layer.config.weight_transform is not None:
+                layer._attach_weight_transforms(kwargs["rngs"])
+            return layer
+
+    weight_names: tuple[str, ...] = ()
 
     def __init__(self, cfg: Layer.Config, *, rngs: nnx.Rngs):
         del rngs  # Subclasses draw from it in `param`.
@@ -102,7 +119,24 @@ class Layer(Configurable, nnx.Module):
         init_fn = (init or self.config.param_init).instantiate()
         fan_in = int(np.prod([shape[i] for i in fan_in_axes])) if fan_in_axes else 1
         value = init_fn(rngs.params(), shape, self.config.param_dtype, fan_in)
-        return nnx.Param(value, axes=tuple(axes))
+        # The fan-in axes are the weight's input dims, which a weight transform keeps apart from its output dims.
+        return nnx.Param(value, axes=tuple(axes), fan_in_axes=tuple(fan_in_axes))
+
+    def read_weight(self, weight: nnx.Param) -> jax.Array:
+        """The value of one of `weight_names` as the layer computes with it: through its weight transform, if any."""
+        if self.config.weight_transform is None:
+            return weight[...]
+        name = next((n for n in self.weight_names if getattr(self, n, None) is weight), None)
+        if name is None:
+            raise ValueError(f"{type(self).__name__}.read_weight: the parameter is not one of {self.weight_names}")
+        return getattr(self, f"{name}_{self.config.weight_transform.klass.suffix}")(weight[...])
+
+    def _attach_weight_transforms(self, rngs: nnx.Rngs) -> None:
+        transform = self.config.weight_transform
+        for name in self.weight_names:
+            weight = getattr(self, name, None)
+            if isinstance(weight, nnx.Param):
+                setattr(self, f"{name}_{transform.klass.suffix}", transform.instantiate(weight=weight, rngs=rngs))
 
     def add_aux_loss(self, name: str, value: jax.Array) -> None:
         """Sows a scalar loss term for the enclosing `capture_aux`; repeated calls in one step add up."""

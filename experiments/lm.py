@@ -2,6 +2,7 @@
 
 - `tiny`: what the README's main command trains: a 2-layer, 128-wide decoder on the embedded corpus, sized
   to reach a validation loss well below the unigram baseline in a few minutes on 2 CPU cores.
+- `finetune`: the trainer around a model imported from Hugging Face (`axmini convert hf`, `--init_from=hf:DIR`).
 - one experiment per model of `experiments.decoders.MODELS` (`tiny_decoder`, `llama_100m`, `llama_7b`,
   `afm_on_device`, ...), with the batch, sequence length and schedule of its scale. They read the embedded
   corpus by default; point them at real data with `--set input.task=NAME --set evaluator.input.task=NAME`.
@@ -67,6 +68,17 @@ TINY_SCHEDULE = Schedule(16, 128, 1000, 3e-3, 50, 250, 500)
 def tiny() -> Trainer.Config:
     """The README's main command: trains in a few minutes on 2 CPU cores, then samples."""
     return lm_trainer(decoder_config(TINY_MODEL._replace(tied_embeddings=True)), TINY_SCHEDULE)
+
+
+FINETUNE_SCHEDULE = Schedule(8, 128, 200, 1e-4, 10, 100, 100)
+
+
+@register("finetune")
+def finetune() -> Trainer.Config:
+    """Fine-tuning an imported model: `axmini convert hf DIR --out RUN` or `axmini train --config=finetune
+    --init_from=hf:DIR` replace the model (and the corpus's tokenizer) with the imported ones; this experiment gives
+    the corpus, a short schedule at a fine-tuning learning rate and the evaluation. Alone, it trains tiny_decoder."""
+    return lm_trainer(MODELS["tiny_decoder"](), FINETUNE_SCHEDULE)
 
 
 # Batch, length and schedule by model scale (the models themselves come from experiments.decoders).

@@ -1,6 +1,6 @@
 """Attention kernels: every kernel that runs on CPU against the reference (causal, window, segments, grouped heads,
-soft-capping, gradients), the blocked window against the full mask at window boundaries, the cuDNN and splash
-selection logic, cuDNN's arguments emulated on CPU, and the mesh rules that choose kernels per backend."""
+soft-capping, query scale, gradients), the blocked window against the full mask at window boundaries, the cuDNN and
+splash selection logic, cuDNN's arguments emulated on CPU, and the mesh rules that choose kernels per backend."""
 
 import itertools
 
@@ -56,12 +56,12 @@ def aligned_mask(batch, length, *, window=None, cuts=None):
     return AttentionMask(positions, positions, segments, segments, window, aligned=True)
 
 
-def run_kernel(kernel_cfg, q, k, v, mask, softcap=None):
+def run_kernel(kernel_cfg, q, k, v, mask, softcap=None, scale=None):
     """Output and gradients of sum(out^2) with respect to q, k, v, jitted."""
     kernel = kernel_cfg.instantiate()
 
     def loss(q, k, v):
-        out = kernel(q, k, v, mask, logit_softcap=softcap)
+        out = kernel(q, k, v, mask, logit_softcap=softcap, query_scale=scale)
         return jnp.sum(out.astype(jnp.float32) ** 2), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
@@ -77,7 +77,7 @@ def assert_same(got, want, rtol, atol):
 
 CASES = {
     "causal, grouped heads": dict(heads=4, kv_heads=2),
-    "multi-query, window 20": dict(heads=4, kv_heads=1, window=20),
+    "multi-query, window 20, query scale 0.3": dict(heads=4, kv_heads=1, window=20, scale=0.3),
     "packed segments": dict(heads=2, kv_heads=2, cuts=(50, 128)),
     "window 16 across packed segments and padding": dict(heads=4, kv_heads=2, window=16, cuts=(10, 70, 100)),
     "soft-capping": dict(heads=2, kv_heads=1, softcap=2.0),
@@ -92,18 +92,22 @@ KERNELS = {
 
 
 # Splash runs interpreted on CPU (seconds a call): three cases cover its masks.
-SPLASH_CASES = ("multi-query, window 20", "window 16 across packed segments and padding", "soft-capping")
+SPLASH_CASES = (
+    "multi-query, window 20, query scale 0.3",
+    "window 16 across packed segments and padding",
+    "soft-capping",
+)
 PAIRS = [(k, c) for k in KERNELS for c in CASES if not k.startswith("splash") or c in SPLASH_CASES]
 
 
 @pytest.mark.parametrize("kernel, case", PAIRS)
 def test_kernel_matches_full_mask_reference_forward_and_gradients(kernel, case):
     fields = dict(CASES[case])
-    softcap = fields.pop("softcap", None)
+    options = dict(softcap=fields.pop("softcap", None), scale=fields.pop("scale", None))
     q, k, v = qkv(2, 128, fields.pop("heads"), fields.pop("kv_heads"))
     mask = aligned_mask(2, 128, **fields)
-    want = run_kernel(FULL_MASK, q, k, v, mask, softcap)
-    assert_same(run_kernel(KERNELS[kernel], q, k, v, mask, softcap), want, rtol=1e-4, atol=1e-5)
+    want = run_kernel(FULL_MASK, q, k, v, mask, **options)
+    assert_same(run_kernel(KERNELS[kernel], q, k, v, mask, **options), want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [7, 8, 9, 19])
@@ -226,18 +230,22 @@ def cudnn_emulated(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "fields, arguments",
+    "fields, scale, arguments",
     [
-        (dict(), ["is_causal", "local_window_size"]),
-        (dict(window=5), ["is_causal", "local_window_size"]),
-        (dict(cuts=(40,)), ["is_causal", "key_value_seq_lengths", "local_window_size", "query_seq_lengths"]),
+        (dict(), None, ["is_causal", "local_window_size", "scale"]),
+        (dict(window=5), 0.3, ["is_causal", "local_window_size", "scale"]),
+        (
+            dict(cuts=(40,)),
+            None,
+            ["is_causal", "key_value_seq_lengths", "local_window_size", "query_seq_lengths", "scale"],
+        ),
     ],
 )
-def test_cudnn_arguments_give_the_reference_mask(cudnn_emulated, fields, arguments):
+def test_cudnn_arguments_give_the_reference_mask(cudnn_emulated, fields, scale, arguments):
     q, k, v = (a.astype(jnp.bfloat16) for a in qkv(2, 48, 4, 2, head_dim=16))
     mask = aligned_mask(2, 48, **fields)
-    want = run_kernel(FULL_MASK, q, k, v, mask)
-    assert_same(run_kernel(CudnnKernel.default_config(), q, k, v, mask), want, rtol=2e-2, atol=2e-2)
+    want = run_kernel(FULL_MASK, q, k, v, mask, scale=scale)
+    assert_same(run_kernel(CudnnKernel.default_config(), q, k, v, mask, scale=scale), want, rtol=2e-2, atol=2e-2)
     assert cudnn_emulated[0] == arguments  # The cuDNN path ran, with these arguments.
 
 

@@ -28,6 +28,8 @@ def np_phi(x: np.ndarray, kind: FeatureMap) -> np.ndarray:
     x = x.astype(np.float64)
     if kind is FeatureMap.RELU:
         return np.maximum(x, 0.0)
+    if kind is FeatureMap.RELU_PAIR:
+        return np.concatenate([np.maximum(x, 0.0), np.maximum(-x, 0.0)], axis=-1)
 
     def softmax(z):
         e = np.exp(z - z.max(-1, keepdims=True))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 import functools
 from typing import Any
 
@@ -13,27 +12,24 @@ import numpy as np
 import pytest
 
 from axmini.config import REQUIRED, ConfigBase, ConfigModifier, Required, map_configs, replace_config
+from axmini.features import FEATURES as REGISTERED
+from axmini.features import Feature
 from axmini.layers.linear import Linear
 from axmini.module import Layer
+from axmini.tools.baseline import baseline_complexity, baseline_files, baseline_sweep
+from axmini.tools.families import Family, grid_sizes, powers_of_two, synthetic_family
+from axmini.tools.metrics import config_paths_changed, layers_changed, layers_touched
 from axmini.tools.patches import (
-    Family,
+    APPLIES,
+    FAILED,
+    REFUSED,
     ForwardChecks,
     UnknownFeatureError,
-    baseline_complexity,
-    baseline_files,
-    baseline_sweep,
-    config_paths_changed,
-    grid_sizes,
-    layers_changed,
-    layers_touched,
-    modifier_config,
     modifier_lines,
     patch_target,
-    powers_of_two,
-    registered_features,
     select_features,
     sweep,
-    synthetic_family,
+    user_lines,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,7 +122,7 @@ class ToyModel(Layer):
         return x
 
 
-# Toy features: each a ConfigModifier, as axmini/features.py registers the real ones.
+# Toy features: each a patch function naming a ConfigModifier, as axmini/features.py registers the real ones.
 
 
 class ToyRoPEModifier(ConfigModifier):
@@ -134,6 +130,8 @@ class ToyRoPEModifier(ConfigModifier):
         theta: float = 10000.0
 
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        if isinstance(cfg, ToyModel.Config) and not cfg.blocks:
+            raise ValueError("ToyRoPEModifier: the model has no blocks to give RoPE to")
         rotary = ToyRotary.default_config().set(theta=self.config.theta)
         return map_configs(cfg, ToyAttention, lambda c: c.set(position=rotary))
 
@@ -153,23 +151,28 @@ class BrokenModifier(ConfigModifier):
         return map_configs(cfg, ToyAttention, lambda c: c.set(position=Linear.default_config()))
 
 
-@dataclasses.dataclass(frozen=True)
-class ToyFeature:
-    name: str
-    modifier: Any
-    user_code: str
+def rope(cfg: ConfigBase) -> ConfigBase:
+    """RoPE everywhere (toy)."""
+    # A comment is not code.
+    return ToyRoPEModifier.default_config().set(theta=1e4).instantiate()(cfg)
 
 
-FEATURES = {
-    "rope": ToyFeature(
-        "rope",
-        ToyRoPEModifier.default_config,
-        "# RoPE everywhere.\ncfg = ToyRoPEModifier.default_config().set(theta=1e4).instantiate()(cfg)\n",
-    ),
-    "moe": ToyFeature(
-        "moe", ToyMoEModifier.default_config(), "cfg = ToyMoEModifier.default_config().instantiate()(cfg)"
-    ),
-}
+def moe(cfg: ConfigBase) -> ConfigBase:
+    """Every feed-forward a MoE (toy)."""
+    return ToyMoEModifier.default_config().instantiate()(cfg)
+
+
+def broken(cfg: ConfigBase) -> ConfigBase:
+    """A patch whose models do not build."""
+    return BrokenModifier.default_config().instantiate()(cfg)
+
+
+def crashing(cfg: ConfigBase) -> ConfigBase:
+    """A patch with a bug (not a refusal)."""
+    return cfg.no_such_method()
+
+
+FEATURES = {"rope": Feature("rope", rope), "moe": Feature("moe", moe)}
 
 
 def toy_model(i: int) -> ConfigBase:
@@ -198,6 +201,13 @@ def toy_family(num_models: int = 4, num_variants: int = 4, forward: bool = True)
     )
 
 
+def toy_experiments() -> Family:
+    """Three named toy models, the second without blocks (the toy RoPE refuses it): as the experiments family."""
+    empty = ToyModel.default_config
+    models = [("one", functools.partial(toy_model, 0)), ("empty", empty), ("two", functools.partial(toy_model, 1))]
+    return Family("experiments", models)
+
+
 def _blocks(n: int, m: int) -> int:
     """Attention (and feed-forward) configs in the first n models x m variants: model i has 1 + i % 3 blocks."""
     return m * sum(1 + i % 3 for i in range(n))
@@ -208,7 +218,7 @@ def _blocks(n: int, m: int) -> int:
 
 def test_rope_patch_changes_each_attention_by_the_rotary_config_leaves() -> None:
     before = toy_model(2)  # 3 blocks
-    after = modifier_config(FEATURES["rope"]).instantiate()(before.clone())
+    after = FEATURES["rope"].apply(before.clone())
     leaves = len(ToyRotary.default_config().to_flat_dict())
     paths = config_paths_changed(before, after)
     # Per block: `position: None` goes, the rotary config's leaves appear.
@@ -222,7 +232,7 @@ def test_rope_patch_changes_each_attention_by_the_rotary_config_leaves() -> None
 
 def test_moe_patch_swaps_each_feed_forward_class() -> None:
     before = toy_model(1)  # 2 blocks
-    after = modifier_config(FEATURES["moe"]).instantiate()(before.clone())
+    after = FEATURES["moe"].apply(before.clone())
     assert config_paths_changed(before, after) == [
         f"blocks[{k}].feed_forward.{leaf}" for k in range(2) for leaf in ("klass", "num_experts")
     ]
@@ -241,12 +251,12 @@ def test_a_field_change_touches_layers_without_changing_any() -> None:
 def test_lines_written_stay_constant_while_config_paths_grow(name: str) -> None:
     result = sweep(FEATURES[name], toy_family(), grid_sizes(4, 2), forward=ForwardChecks.ALL)
     per_block = {"rope": 1 + len(ToyRotary.default_config().to_flat_dict()), "moe": 2}[name]
-    user = {"rope": 1, "moe": 1}[name]  # The comment line of rope's user code is not code.
     for point in result.points:
-        assert point.user_lines == user
+        assert point.user_lines == 1  # The comment line of rope's patch is not code.
         assert point.paths_changed == per_block * _blocks(point.n, point.m)
         assert point.layers_changed == _blocks(point.n, point.m)
-        assert point.built == point.forward_ok == point.forward_checked == point.targets and not point.failures
+        assert point.applies == point.forward_ok == point.forward_checked == point.targets
+        assert point.refused == point.failed == point.not_checked == 0
     assert result.complexity("user_lines").label == "O(1)"
     assert result.complexity("paths_changed").label == "O(N*M)"
     by_size = {(p.n, p.m): p.paths_changed for p in result.points}
@@ -257,34 +267,41 @@ def test_cover_forward_checks_every_model_and_every_variant_once() -> None:
     chosen = ForwardChecks.COVER.targets(4, 2)
     assert {i for i, _ in chosen} == set(range(4)) and {j for _, j in chosen} == {0, 1} and len(chosen) == 4
     point = sweep(FEATURES["rope"], toy_family(), [(4, 2)]).points[0]
-    assert (point.built, point.forward_checked, point.forward_ok) == (8, 4, 4)
+    assert (point.applies, point.forward_checked, point.forward_ok) == (8, 4, 4)
     assert ForwardChecks.NONE.targets(4, 2) == set() and len(ForwardChecks.ALL.targets(4, 2)) == 8
 
 
 def test_checks_stop_at_the_deadline_but_config_metrics_cover_every_target() -> None:
     point = sweep(FEATURES["moe"], toy_family(), [(2, 2)], deadline=0.0).points[0]
-    assert (point.build_checked, point.forward_checked, point.built) == (0, 0, 0)
+    assert (point.not_checked, point.applies, point.forward_checked) == (4, 0, 0)
     assert point.paths_changed == 2 * _blocks(2, 2) and point.layers_changed == _blocks(2, 2)
 
 
 def test_slot_reach_decides_which_baseline_classes_are_edited() -> None:
-    rope = sweep(FEATURES["rope"], toy_family(forward=False), [(2, 2)], build=False)
-    moe = sweep(FEATURES["moe"], toy_family(forward=False), [(2, 2)], build=False)
-    assert rope.reaches_slot and not rope.reaches_outside_slot
-    assert moe.reaches_outside_slot and not moe.reaches_slot
+    rope_sweep = sweep(FEATURES["rope"], toy_family(forward=False), [(2, 2)], build=False)
+    moe_sweep = sweep(FEATURES["moe"], toy_family(forward=False), [(2, 2)], build=False)
+    assert rope_sweep.reaches_slot and not rope_sweep.reaches_outside_slot
+    assert moe_sweep.reaches_outside_slot and not moe_sweep.reaches_slot
 
 
-def test_modifier_lines_count_the_modifier_source_without_docstrings() -> None:
-    # class, Config class, field, def __call__, rotary = ..., return: 6 code lines.
-    assert modifier_lines(ToyRoPEModifier.default_config()) == 6
+def test_modifier_lines_count_the_source_of_the_modifiers_the_patch_names() -> None:
+    # class, Config class, field, def __call__, if, raise, rotary = ..., return: 8 code lines.
+    assert FEATURES["rope"].modifiers == [ToyRoPEModifier] and modifier_lines(FEATURES["rope"]) == 8
+    assert user_lines(FEATURES["rope"]) == 1
 
 
-def test_a_patch_that_breaks_the_model_is_reported_not_raised() -> None:
-    broken = ToyFeature("broken", BrokenModifier.default_config(), "cfg = Broken()(cfg)")
-    result = patch_target(broken, toy_family(), 0, 0)
-    assert not result.built and result.error.startswith("build: ")
-    point = sweep(broken, toy_family(forward=False), [(2, 1)]).points[0]
-    assert point.built == 0 and len(point.failures) == 2
+def test_outcomes_tell_refusals_with_their_reason_from_failures_and_unchecked_targets() -> None:
+    family = toy_experiments()
+    point = sweep(FEATURES["rope"], family, [(3, 1)]).points[0]
+    assert (point.applies, point.refused, point.failed, point.not_checked) == (2, 1, 0, 0)
+    (reason,) = sweep(FEATURES["rope"], family, [(3, 1)]).reasons()
+    assert reason == "patch: ValueError: ToyRoPEModifier: the model has no blocks to give RoPE to"
+    built = patch_target(Feature("broken", broken), toy_family(), 0, 0)
+    assert built.outcome in (REFUSED, FAILED) and built.reason.startswith("build: ")
+    crashed = patch_target(Feature("crashing", crashing), toy_family(), 0, 0)
+    assert crashed.outcome == FAILED and crashed.reason.startswith("patch: AttributeError")
+    assert patch_target(FEATURES["rope"], toy_family(), 1, 1, build=False).outcome == "not checked"
+    assert patch_target(FEATURES["rope"], toy_family(), 1, 1, forward=False).outcome == APPLIES
 
 
 def test_baseline_costs_n_times_m_class_edits_for_a_variant_feature(tmp_path: Any) -> None:
@@ -318,11 +335,6 @@ def test_unknown_feature_suggests_the_closest_name() -> None:
     assert list(select_features(None, FEATURES)) == list(FEATURES)
 
 
-def test_a_modifier_that_is_not_a_config_modifier_is_refused() -> None:
-    with pytest.raises(TypeError, match="feature 'bad': modifier must be a ConfigModifier"):
-        modifier_config(ToyFeature("bad", ToyAttention.default_config(), ""))
-
-
 def test_sizes_beyond_the_family_are_refused() -> None:
     with pytest.raises(ValueError, match="has 2 models x 2 variants; sizes ask for 4 x 1"):
         sweep(FEATURES["rope"], toy_family(2, 2), [(4, 1)])
@@ -330,21 +342,23 @@ def test_sizes_beyond_the_family_are_refused() -> None:
         powers_of_two(0)
 
 
-@pytest.mark.parametrize("name", sorted(registered_features()) or ["<none registered>"])
+def test_the_paper_grid_has_twenty_models_and_ten_distinct_attention_variants() -> None:
+    family = synthetic_family(20, 10)
+    assert len(family.models) == 20 and len({name for name, _ in family.variants}) == 10
+    assert family.target(19, 9).debug_string() != family.target(19, 8).debug_string()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTERED))
 def test_registered_feature_is_flat_in_lines_and_builds_on_the_synthetic_family(name: str) -> None:
-    registry = registered_features()
-    if not registry:
-        pytest.skip("axmini/features.py does not exist yet")
     family = synthetic_family(2, 2)
-    result = sweep(registry[name], family, grid_sizes(2, 2), forward=ForwardChecks.NONE)
+    result = sweep(REGISTERED[name], family, grid_sizes(2, 2), forward=ForwardChecks.NONE)
     assert result.complexity("user_lines").label == "O(1)"
     largest = result.points[-1]
     assert largest.paths_changed > result.points[0].paths_changed > 0
     if name == "moe_expert_choice":  # Not causal: every decoder of the family refuses it, with the reason.
-        assert (
-            largest.built == 0 and largest.failures and all("is not causal" in failure for failure in largest.failures)
-        )
+        (reason,) = result.reasons()
+        assert largest.refused == largest.targets and "is not causal" in reason
         return
-    assert largest.built == largest.build_checked == largest.targets, largest.failures
+    assert largest.applies == largest.targets, result.reasons()
     # One tiny forward pass (a compilation: seconds on CPU) on the last model with the last variant.
-    assert patch_target(registry[name], family, 1, 1).forward_ok
+    assert patch_target(REGISTERED[name], family, 1, 1).forward_ok

@@ -1,9 +1,11 @@
-"""The `axmini` command: train, sample, configs (one module each here), report, launch.
+"""The `axmini` command: train, sample, configs, convert, export (one module each here), report, launch.
 
     axmini train --config=NAME [--set path=value ...] [--trainer_dir=DIR] [--mesh_selector=TYPE]
     axmini sample --trainer_dir=DIR --prompt "..."
     axmini configs list | show NAME [--set ...] | diff A B
-    axmini report modularity ...      (the modularity report: axmini.tools.report)
+    axmini convert hf DIR --out TRAINER_DIR [--config NAME]     (a Hugging Face model as a trainer dir)
+    axmini export hf TRAINER_DIR --out DIR                      (a run's model as a Hugging Face dir)
+    axmini report modularity|history  (the modularity reports: axmini.tools.cli)
     axmini launch local|tpu|gpu ...   (multi-process and cluster runs: axmini.launch.launcher)
 
 A command first checks its whole invocation (`prepare`), then runs. Bad input found while preparing (an unknown
@@ -19,18 +21,19 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from axmini.cli import configs, sample, train
+from axmini.cli import configs, convert, export, sample, train
 from axmini.cli.common import USAGE_ERROR, UsageError
 
-COMMANDS = (train, sample, configs)
+COMMANDS = (train, sample, configs, convert, export)
 
 
 def _setup_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean 'bad input' while a command is being prepared."""
     from axmini.config import ConfigError
+    from axmini.interop.errors import ConversionError
     from experiments import UnknownExperimentError
 
-    return (UsageError, ConfigError, UnknownExperimentError)
+    return (UsageError, ConfigError, UnknownExperimentError, ConversionError)
 
 
 def _one_line(error: BaseException) -> str:
@@ -49,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         command.add_parser(commands)
-    commands.add_parser("report", help="reports: `axmini report modularity --help`", add_help=False)
+    commands.add_parser("report", help="reports: `axmini report modularity|history --help`", add_help=False)
     commands.add_parser("launch", help="multi-process and cluster runs: `axmini launch --help`", add_help=False)
     return parser
 
@@ -69,12 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return _delegate(launch_main, argv[1:])
     if argv[:1] == ["report"]:
-        if argv[1:2] != ["modularity"]:
-            print("usage: axmini report modularity [--help] ...", file=sys.stderr)
-            return 0 if argv[1:2] in (["-h"], ["--help"]) else USAGE_ERROR
-        from axmini.tools.report import main_modularity
+        from axmini.tools.cli import main as report_main
 
-        return _delegate(main_modularity, argv[2:])
+        return _delegate(report_main, argv[1:])
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # argparse printed the help or a usage error (code 2).

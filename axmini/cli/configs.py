@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from axmini.cli.common import Runner, UsageError, experiment_config
+from axmini.cli.common import Runner, UsageError, add_feature_flag, experiment_config
 
 
 def add_parser(commands: Any) -> None:
@@ -13,6 +13,7 @@ def add_parser(commands: Any) -> None:
     parser.add_argument("action", choices=("list", "show", "diff"))
     parser.add_argument("names", nargs="*", metavar="NAME")
     parser.add_argument("--set", action="append", default=[], metavar="PATH=VALUE", help="override (show, diff)")
+    add_feature_flag(parser)
     parser.set_defaults(prepare=prepare)
 
 
@@ -24,11 +25,11 @@ def prepare(args: argparse.Namespace) -> Runner:
     elif args.action == "show":
         if len(args.names) != 1:
             raise UsageError(f"configs show takes one experiment name, got {len(args.names)}")
-        text = experiment_config(args.names[0], args.set).debug_string()
+        text = experiment_config(args.names[0], args.set, features=args.feature).debug_string()
     else:
         if len(args.names) != 2:
             raise UsageError(f"configs diff takes two experiment names, got {len(args.names)}")
-        a, b = (_debug_lines(experiment_config(name, args.set)) for name in args.names)
+        a, b = (_debug_lines(experiment_config(name, args.set, features=args.feature)) for name in args.names)
         lines = []
         for path in [*a, *(p for p in b if p not in a)]:
             old, new = a.get(path), b.get(path)

@@ -7,7 +7,7 @@ Three slots make every attention variant a config:
   between and a feature like RoPE reaches every attention without editing one.
 - `kernel` (a `BaseAttentionKernel`, kernels.py) computes softmax(q k^T) v: the reference einsum, XLA, cuDNN or
   splash attention; mesh rules choose it per backend (`AttentionKernelModifier`).
-- the layer's own fields: grouped-query heads, sliding window and soft-capping.
+- the layer's own fields: grouped-query heads, sliding window, soft-capping and the query scale.
 
 Masking is by position, not by index: a query at position p sees keys at positions q with
 `0 <= q <= p` (and `p - q <= sliding_window`), in the same segment (segment 0 is padding and is never
@@ -38,10 +38,11 @@ from axmini.config import (
     config_path,
     fill_child,
     map_configs,
+    optional,
 )
 from axmini.layers.kernels import AttentionMask, BaseAttentionKernel, ReferenceKernel, XLAKernel
 from axmini.layers.norm import RMSNorm
-from axmini.module import Layer, shard_activation
+from axmini.module import Layer, constant_init, shard_activation
 
 Array = jax.Array
 
@@ -94,6 +95,8 @@ class BaseQKVProjection(Layer):
         num_heads: Required[int] = REQUIRED
         num_kv_heads: Required[int] = REQUIRED
         head_dim: Required[int] = REQUIRED
+        # A bias on each projection (Qwen2's q/k/v, Llama's attention_bias). A wrapper (RoPE) leaves it False.
+        bias: bool = optional(False)
 
     # Whether `project` returns keys/values; False for a KV-sharing consumer's query-only projection.
     has_kv: bool = True
@@ -102,6 +105,16 @@ class BaseQKVProjection(Layer):
 
     def project(self, x: Array) -> QKV:
         raise NotImplementedError(type(self))
+
+    def _weight_and_bias(self, shape: tuple[int, ...], axes: tuple[str | None, ...], *, rngs: nnx.Rngs) -> nnx.Param:
+        """A projection weight [input_dim, *shape] and, with `bias`, its bias [*shape] (stored as `<name>_bias`)."""
+        weight = self.param((self.config.input_dim, *shape), axes=("embed", *axes), rngs=rngs)
+        bias = self.param(shape, axes=axes, rngs=rngs, init=constant_init(0.0)) if self.config.bias else None
+        return weight, bias
+
+    def _apply(self, x: Array, weight: nnx.Param, bias: nnx.Param | None, spec: str) -> Array:
+        y = jnp.einsum(spec, x, self.read_weight(weight).astype(x.dtype))
+        return y if bias is None else y + bias[...].astype(x.dtype)
 
     def rotate(self, qkv: QKV, positions: Array) -> QKV:
         del positions
@@ -114,34 +127,34 @@ class BaseQKVProjection(Layer):
 class QKVProjection(BaseQKVProjection):
     """Separate q [D,H,Dh] and k, v [D,K,Dh] weights (grouped-query when K < H)."""
 
+    weight_names = ("q", "k", "v")
+
     def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        self.q = self.param(
-            (cfg.input_dim, cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs
-        )
-        kv_shape, kv_axes = (cfg.input_dim, cfg.num_kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim")
-        self.k = self.param(kv_shape, axes=kv_axes, rngs=rngs)
-        self.v = self.param(kv_shape, axes=kv_axes, rngs=rngs)
+        self.q, self.q_bias = self._weight_and_bias((cfg.num_heads, cfg.head_dim), ("heads", "head_dim"), rngs=rngs)
+        kv_shape, kv_axes = (cfg.num_kv_heads, cfg.head_dim), ("kv_heads", "head_dim")
+        self.k, self.k_bias = self._weight_and_bias(kv_shape, kv_axes, rngs=rngs)
+        self.v, self.v_bias = self._weight_and_bias(kv_shape, kv_axes, rngs=rngs)
 
     def project(self, x: Array) -> QKV:
-        return QKV(*(jnp.einsum("btd,dnh->btnh", x, w[...].astype(x.dtype)) for w in (self.q, self.k, self.v)))
+        pairs = ((self.q, self.q_bias), (self.k, self.k_bias), (self.v, self.v_bias))
+        return QKV(*(self._apply(x, w, b, "btd,dnh->btnh") for w, b in pairs))
 
 
 class QueryOnlyProjection(BaseQKVProjection):
     """Only queries q [D,H,Dh] (k = v = None): the projection of a layer that reads another layer's keys/values."""
 
     has_kv = False
+    weight_names = ("q",)
 
     def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        self.q = self.param(
-            (cfg.input_dim, cfg.num_heads, cfg.head_dim), axes=("embed", "heads", "head_dim"), rngs=rngs
-        )
+        self.q, self.q_bias = self._weight_and_bias((cfg.num_heads, cfg.head_dim), ("heads", "head_dim"), rngs=rngs)
 
     def project(self, x: Array) -> QKV:
-        return QKV(jnp.einsum("btd,dnh->btnh", x, self.q[...].astype(x.dtype)), None, None)
+        return QKV(self._apply(x, self.q, self.q_bias, "btd,dnh->btnh"), None, None)
 
 
 class FusedQKVProjection(BaseQKVProjection):
@@ -151,31 +164,34 @@ class FusedQKVProjection(BaseQKVProjection):
     Query head h uses kv head h // (H/K), as in `QKVProjection`.
     """
 
+    weight_names = ("qkv",)
+
     def __init__(self, cfg: BaseQKVProjection.Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
         group = cfg.num_heads // cfg.num_kv_heads
-        self.qkv = self.param(
-            (cfg.input_dim, cfg.num_kv_heads, group + 2, cfg.head_dim),
-            axes=("embed", "kv_heads", None, "head_dim"),
-            rngs=rngs,
+        self.qkv, self.qkv_bias = self._weight_and_bias(
+            (cfg.num_kv_heads, group + 2, cfg.head_dim), ("kv_heads", None, "head_dim"), rngs=rngs
         )
 
     def project(self, x: Array) -> QKV:
         cfg = self.config
         group = cfg.num_heads // cfg.num_kv_heads
-        y = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(x.dtype))
+        y = self._apply(x, self.qkv, self.qkv_bias, "btd,dkgh->btkgh")
         q = y[:, :, :, :group].reshape(*x.shape[:2], cfg.num_heads, cfg.head_dim)
         return QKV(q, y[:, :, :, group], y[:, :, :, group + 1])
 
 
 class OutputProjection(Layer):
-    """[B,T,H,Dh] -> [B,T,D] with one weight [H, Dh, D]."""
+    """[B,T,H,Dh] -> [B,T,D] with one weight [H, Dh, D] (and, with `bias`, a bias [D])."""
 
     class Config(Layer.Config):
         num_heads: Required[int] = REQUIRED
         head_dim: Required[int] = REQUIRED
         output_dim: Required[int] = REQUIRED
+        bias: bool = optional(False)
+
+    weight_names = ("weight",)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -186,9 +202,13 @@ class OutputProjection(Layer):
             rngs=rngs,
             fan_in_axes=(0, 1),
         )
+        self.bias = (
+            self.param((cfg.output_dim,), axes=("embed",), rngs=rngs, init=constant_init(0.0)) if cfg.bias else None
+        )
 
     def __call__(self, x: Array) -> Array:
-        return jnp.einsum("btnh,nhd->btd", x, self.weight[...].astype(x.dtype))
+        y = jnp.einsum("btnh,nhd->btd", x, self.read_weight(self.weight).astype(x.dtype))
+        return y if self.bias is None else y + self.bias[...].astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,12 +250,15 @@ class Attention(Layer):
         output_linear: OutputProjection.Config = OutputProjection.default_config()
         # RMSNorm of q and k over head_dim (separate scales), before positional encoding. None: off.
         qk_norm: RMSNorm.Config | None = None
-        # Local attention: the query at position i sees keys at positions i - window .. i.
+        # Local attention: the query at position i sees keys at positions i - window .. i (window + 1 keys; Hugging
+        # Face's sliding_window=W is window W - 1).
         sliding_window: int | None = None
         # Logits become cap * tanh(logits / cap). None: off.
         logit_softcap: float | None = None
         # How softmax(q k^T) v is computed (kernels.py); mesh rules set cuDNN on GPU and splash on TPU.
         kernel: BaseAttentionKernel.Config = ReferenceKernel.default_config()
+        # The factor of q.k in the logits; None: head_dim^-0.5 (Gemma's query_pre_attn_scalar^-0.5 differs).
+        query_scale: float | None = optional(None)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -265,7 +288,9 @@ class Attention(Layer):
 
     def _validate(self) -> None:
         cfg = self.config
-        check_positive(cfg, "input_dim", "num_heads", "num_kv_heads", "head_dim", "sliding_window", "logit_softcap")
+        check_positive(
+            cfg, "input_dim", "num_heads", "num_kv_heads", "head_dim", "sliding_window", "logit_softcap", "query_scale"
+        )
         if cfg.num_heads % self.num_kv_heads:
             raise ConfigValueError(
                 f"{config_path(cfg, 'num_heads')}={cfg.num_heads} is not divisible by "
@@ -342,7 +367,7 @@ class Attention(Layer):
             cfg.sliding_window,
             aligned=own_tokens,
         )
-        out = self.kernel(q, kv.k, kv.v, mask, logit_softcap=cfg.logit_softcap)
+        out = self.kernel(q, kv.k, kv.v, mask, logit_softcap=cfg.logit_softcap, query_scale=cfg.query_scale)
         if poison is not None:
             out = jnp.where(poison[:, :, None, None], jnp.nan, out)
         return out, new_cache, kv

@@ -30,6 +30,7 @@ from axmini.config import (
     fill_child,
     find_configs,
     map_configs,
+    optional,
 )
 from axmini.layers.embedding import Embedding
 from axmini.layers.linear import Linear
@@ -70,12 +71,14 @@ class Decoder(Layer):
         # Activation (compute) dtype, e.g. jnp.bfloat16 for mixed precision; parameters keep their param_dtype.
         dtype: Any = jnp.float32
         # Logits dtype (the loss computes in float32 either way); bfloat16 halves the largest activation.
-        output_dtype: Any = jnp.float32
+        output_dtype: Any = optional(jnp.float32)
+        # Logits become cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping), in float32. None: off.
+        logit_softcap: float | None = optional(None)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
-        check_positive(cfg, "vocab_size", "dim")
+        check_positive(cfg, "vocab_size", "dim", "logit_softcap")
         check_non_negative(cfg, "z_loss_weight")
         if not 0 <= cfg.pad_id < cfg.vocab_size:
             raise ConfigValueError(
@@ -107,15 +110,18 @@ class Decoder(Layer):
         cache: Any | None = None,
     ) -> DecoderOutput:
         """Logits [B,T,V] for `input_ids` [B,T]. Positions default to 0..T-1 (required with a cache)."""
+        cfg = self.config
         if positions is None:
             if cache is not None:
                 raise ValueError("Decoder.forward: with a cache, pass the positions of the new tokens")
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        x = shard_activation(self.embedding(input_ids, dtype=self.config.dtype), ("batch", "length", "embed"))
+        x = shard_activation(self.embedding(input_ids, dtype=cfg.dtype), ("batch", "length", "embed"))
         out = self.stack(x, positions=positions, segment_ids=segment_ids, cache=cache)
         x = self.output_norm(out.x)
         logits = self.embedding.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = shard_activation(logits.astype(self.config.output_dtype), ("batch", "length", "vocab"))
+        if cfg.logit_softcap is not None:
+            logits = cfg.logit_softcap * jnp.tanh(logits.astype(jnp.float32) / cfg.logit_softcap)
+        logits = shard_activation(logits.astype(cfg.output_dtype), ("batch", "length", "vocab"))
         return DecoderOutput(logits, out.cache)
 
     def __call__(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:

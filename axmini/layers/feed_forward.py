@@ -53,6 +53,8 @@ class FeedForward(Layer):
         hidden_dim: Required[int | FunctionConfigBase] = REQUIRED
         activation: FeedForwardActivation = FeedForwardActivation.SWIGLU
 
+    weight_names = ("wi_0", "wi_1", "wi", "wo")
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
@@ -82,9 +84,8 @@ class FeedForward(Layer):
         else:
             h = act(self._project(x, self.wi))
         h = shard_activation(h, ("batch", "length", "mlp"))
-        y = jnp.einsum("...f,fd->...d", h, self.wo[...].astype(x.dtype))
+        y = jnp.einsum("...f,fd->...d", h, self.read_weight(self.wo).astype(x.dtype))
         return shard_activation(y, ("batch", "length", "embed"))
 
-    @staticmethod
-    def _project(x: jax.Array, w: nnx.Param) -> jax.Array:
-        return jnp.einsum("...d,df->...f", x, w[...].astype(x.dtype))
+    def _project(self, x: jax.Array, w: nnx.Param) -> jax.Array:
+        return jnp.einsum("...d,df->...f", x, self.read_weight(w).astype(x.dtype))

@@ -1,7 +1,8 @@
-"""Attention kernels: how softmax(q k^T / sqrt(Dh)) v is computed. One slot (`Attention.Config.kernel`), one interface.
+"""Attention kernels: how softmax(q k^T * scale) v is computed. One slot (`Attention.Config.kernel`), one interface.
 
-`kernel(q, k, v, mask, logit_softcap=...)` takes q [B,T,H,Dh], k and v [B,S,K,Dh] (grouped-query when K < H) and an
-`AttentionMask` saying which keys each query sees; it returns [B,T,H,Dh], zero for a query that sees no key.
+`kernel(q, k, v, mask, logit_softcap=..., query_scale=...)` takes q [B,T,H,Dh], k and v [B,S,K,Dh] (grouped-query
+when K < H) and an `AttentionMask` saying which keys each query sees; it returns [B,T,H,Dh], zero for a query that
+sees no key. `query_scale` is the logits' factor (None: 1 / sqrt(Dh)); `logit_softcap` caps the scaled logits.
 
 - `ReferenceKernel`: einsum and an explicit [B,T,S] mask, logits and softmax in float32: what the tests trust.
 - `XLAKernel`: `jax.nn.dot_product_attention(implementation="xla")` with the same mask.
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from axmini.config import Configurable, check_positive
+from axmini.config import Configurable, check_positive, optional
 from axmini.module import current_sharding_context, logical_to_spec
 
 Array = jax.Array
@@ -71,10 +72,18 @@ class AttentionMask(NamedTuple):
 
 
 class BaseAttentionKernel(Configurable):
-    """`kernel(q, k, v, mask, logit_softcap=None)` -> [B,T,H,Dh] in q's dtype; see the module docstring."""
+    """`kernel(q, k, v, mask, logit_softcap=None, query_scale=None)` -> [B,T,H,Dh] in q's dtype; see the module
+    docstring."""
 
     def __call__(
-        self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None = None
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        mask: AttentionMask,
+        *,
+        logit_softcap: float | None = None,
+        query_scale: float | None = None,
     ) -> Array:
         raise NotImplementedError(type(self))
 
@@ -83,12 +92,22 @@ class BaseAttentionKernel(Configurable):
 # Kernels with an explicit mask.
 
 
-def reference_attention(q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None = None) -> Array:
-    """softmax(q k^T / sqrt(Dh)) v with q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S]; logits in float32."""
+def reference_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    mask: Array,
+    *,
+    logit_softcap: float | None = None,
+    query_scale: float | None = None,
+) -> Array:
+    """softmax(q k^T * query_scale) v with q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S]; logits in float32.
+    `query_scale` None is 1 / sqrt(Dh)."""
     b, t, h, dh = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(dh)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits / math.sqrt(dh) if query_scale is None else logits * query_scale
     if logit_softcap is not None:
         logits = logit_softcap * jnp.tanh(logits / logit_softcap)
     logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
@@ -109,23 +128,41 @@ class DenseKernel(BaseAttentionKernel):
         check_positive(self.config, "window_block_size")
 
     def __call__(
-        self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None = None
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        mask: AttentionMask,
+        *,
+        logit_softcap: float | None = None,
+        query_scale: float | None = None,
     ) -> Array:
         block = self.config.window_block_size
-        attend = functools.partial(self.attend, logit_softcap=logit_softcap)
+        attend = functools.partial(self.attend, logit_softcap=logit_softcap, query_scale=query_scale)
         if mask.aligned and mask.sliding_window is not None and block is not None:
             if q.shape[1] > block + mask.sliding_window:
                 return blocked_window_attention(q, k, v, mask, block_size=block, attend=attend)
         return attend(q, k, v, mask)
 
-    def attend(self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None) -> Array:
+    def attend(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        mask: AttentionMask,
+        *,
+        logit_softcap: float | None = None,
+        query_scale: float | None = None,
+    ) -> Array:
         """Attention under the full [B,T,S] mask of `mask` (never blocked); rows with nothing visible are zero."""
         dense = mask.dense()
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = self.attend_dense(q, k, v, dense, logit_softcap=logit_softcap)
+        out = self.attend_dense(q, k, v, dense, logit_softcap=logit_softcap, query_scale=query_scale)
         return jnp.where(jnp.any(dense, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
 
-    def attend_dense(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
+    def attend_dense(
+        self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None, query_scale: float | None
+    ) -> Array:
         """Attention under a [B,T,S] bool mask (rows with nothing visible: any value, zeroed by `attend`)."""
         raise NotImplementedError(type(self))
 
@@ -133,17 +170,21 @@ class DenseKernel(BaseAttentionKernel):
 class ReferenceKernel(DenseKernel):
     """einsum + mask (`reference_attention`)."""
 
-    def attend_dense(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
-        return reference_attention(q, k, v, mask, logit_softcap=logit_softcap)
+    def attend_dense(
+        self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None, query_scale: float | None
+    ) -> Array:
+        return reference_attention(q, k, v, mask, logit_softcap=logit_softcap, query_scale=query_scale)
 
 
 class XLAKernel(DenseKernel):
     """`jax.nn.dot_product_attention(implementation="xla")` with the mask (soft-capping: the reference math)."""
 
-    def attend_dense(self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None) -> Array:
+    def attend_dense(
+        self, q: Array, k: Array, v: Array, mask: Array, *, logit_softcap: float | None, query_scale: float | None
+    ) -> Array:
         if logit_softcap is not None:
-            return reference_attention(q, k, v, mask, logit_softcap=logit_softcap)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+            return reference_attention(q, k, v, mask, logit_softcap=logit_softcap, query_scale=query_scale)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=query_scale, implementation="xla")
 
 
 def _pad_time(x: Array, before: int, after: int, value: int | float = 0) -> Array:
@@ -246,15 +287,38 @@ class FlashKernel(BaseAttentionKernel):
         return None
 
     def __call__(
-        self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None = None
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        mask: AttentionMask,
+        *,
+        logit_softcap: float | None = None,
+        query_scale: float | None = None,
     ) -> Array:
+        options = dict(logit_softcap=logit_softcap, query_scale=query_scale)
         if self.unsupported_reason(q, k, v, mask, logit_softcap=logit_softcap) is not None:
-            return self.fallback(q, k, v, mask, logit_softcap=logit_softcap)
-        out = self.flash(q, k.astype(q.dtype), v.astype(q.dtype), mask, logit_softcap=logit_softcap)
+            return self.fallback(q, k, v, mask, **options)
+        out = self.flash(q, k.astype(q.dtype), v.astype(q.dtype), mask, **options)
         return jnp.where(mask.valid_queries()[:, :, None, None], out, 0).astype(q.dtype)
 
-    def flash(self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None) -> Array:
+    def flash(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        mask: AttentionMask,
+        *,
+        logit_softcap: float | None,
+        query_scale: float | None,
+    ) -> Array:
+        """The fused kernel on inputs it supports; `query_scale` None is 1 / sqrt(Dh)."""
         raise NotImplementedError(type(self))
+
+
+def _scale(q: Array, query_scale: float | None) -> float:
+    """The logits' factor: `query_scale`, or 1 / sqrt(head_dim) when it is None."""
+    return 1 / math.sqrt(q.shape[-1]) if query_scale is None else query_scale
 
 
 def segment_layout(segment_ids: Array, max_segments: int) -> tuple[Array, Array, Array]:
@@ -309,11 +373,21 @@ class CudnnKernel(FlashKernel):
             return f"cuDNN needs head_dim a multiple of 8 up to 256, not {head_dim}"
         return None
 
-    def flash(self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None) -> Array:
+    def flash(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        mask: AttentionMask,
+        *,
+        logit_softcap: float | None,
+        query_scale: float | None,
+    ) -> Array:
         del logit_softcap  # Refused by unsupported_reason.
+        scale = _scale(q, query_scale)
         window = None if mask.sliding_window is None else (mask.sliding_window, 0)
         if mask.q_segment_ids is None:
-            return self.attention(q, k, v, is_causal=True, local_window_size=window)
+            return self.attention(q, k, v, scale=scale, is_causal=True, local_window_size=window)
         segments = self.config.max_segments_per_row
         offsets, lengths, fits = segment_layout(mask.q_segment_ids, segments)
         if segments == 1:
@@ -321,13 +395,14 @@ class CudnnKernel(FlashKernel):
                 q,
                 k,
                 v,
+                scale=scale,
                 is_causal=True,
                 local_window_size=window,
                 query_seq_lengths=lengths[:, 0],
                 key_value_seq_lengths=lengths[:, 0],
             )
         else:
-            out = self.packed_attention(q, k, v, offsets, lengths, mask.sliding_window)
+            out = self.packed_attention(q, k, v, offsets, lengths, mask.sliding_window, scale)
         return jnp.where(fits[:, None, None, None], out, jnp.nan)
 
     @staticmethod
@@ -337,7 +412,7 @@ class CudnnKernel(FlashKernel):
 
     @staticmethod
     def packed_attention(
-        q: Array, k: Array, v: Array, offsets: Array, lengths: Array, sliding_window: int | None
+        q: Array, k: Array, v: Array, offsets: Array, lengths: Array, sliding_window: int | None, scale: float
     ) -> Array:
         """cuDNN's packed layout (jax exposes it in its cuDNN module only)."""
         from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention
@@ -350,7 +425,7 @@ class CudnnKernel(FlashKernel):
             kv_seqlen=lengths,
             q_offsets=offsets,
             kv_offsets=offsets,
-            scale=1 / math.sqrt(q.shape[-1]),
+            scale=scale,
             mask_type=MaskType.CAUSAL,
             sliding_window_length=None if sliding_window is None else sliding_window + 1,
         )
@@ -367,7 +442,7 @@ class SplashKernel(FlashKernel):
 
     class Config(FlashKernel.Config):
         block_size: int = 512  # Query and key tile size (capped at the sequence length); a multiple of 128.
-        interpret: bool = False
+        interpret: bool = optional(False)
 
     def __init__(self, cfg: Config):
         super().__init__(cfg)
@@ -386,11 +461,20 @@ class SplashKernel(FlashKernel):
     def _block(self, length: int) -> int:
         return min(self.config.block_size, length)
 
-    def flash(self, q: Array, k: Array, v: Array, mask: AttentionMask, *, logit_softcap: float | None) -> Array:
+    def flash(
+        self,
+        q: Array,
+        k: Array,
+        v: Array,
+        mask: AttentionMask,
+        *,
+        logit_softcap: float | None,
+        query_scale: float | None,
+    ) -> Array:
         from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
         from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-        length, heads, head_dim = q.shape[1], q.shape[2], q.shape[3]
+        length, heads = q.shape[1], q.shape[2]
         shape = (length, length)
         window = mask.sliding_window
         one = masks.CausalMask(shape) if window is None else masks.LocalMask(shape, window_size=(window, 0), offset=0)
@@ -416,7 +500,7 @@ class SplashKernel(FlashKernel):
                 interpret=self.config.interpret,
             )
             heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B,T,N,Dh] -> [B,N,T,Dh]
-            scaled = heads_first(q) * jnp.asarray(1 / math.sqrt(head_dim), q.dtype)
+            scaled = heads_first(q) * jnp.asarray(_scale(q, query_scale), q.dtype)
             if q_segments is None:
                 out = jax.vmap(kernel)(scaled, heads_first(k), heads_first(v))
             else:

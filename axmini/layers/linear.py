@@ -20,6 +20,8 @@ class Linear(Layer):
         # Logical names of the weight's two dims; the bias takes the second.
         axes: tuple[str | None, str | None] = ("embed", "mlp")
 
+    weight_names = ("weight",)
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
@@ -29,7 +31,7 @@ class Linear(Layer):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum("...i,io->...o", x, self.weight[...].astype(x.dtype))
+        y = jnp.einsum("...i,io->...o", x, self.read_weight(self.weight).astype(x.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return y

@@ -34,11 +34,17 @@ class FeatureMap(enum.Enum):
     # [softmax(x), softmax(-x)]: positive features that see both signs; doubles the key dim.
     SOFTMAX_PAIR = "softmax_pair"
     RELU = "relu"
+    # [relu(x), relu(-x)]: AXLearn's RAttention feature map; doubles the key dim.
+    RELU_PAIR = "relu_pair"
+
+    @property
+    def paired(self) -> bool:
+        return self in (FeatureMap.SOFTMAX_PAIR, FeatureMap.RELU_PAIR)
 
 
 def feature_dim(head_dim: int, kind: FeatureMap) -> int:
     """The size of phi(x) for an x of `head_dim` entries."""
-    return 2 * head_dim if kind is FeatureMap.SOFTMAX_PAIR else head_dim
+    return 2 * head_dim if kind.paired else head_dim
 
 
 def apply_feature_map(x: Array, kind: FeatureMap) -> Array:
@@ -48,6 +54,8 @@ def apply_feature_map(x: Array, kind: FeatureMap) -> Array:
         return jnp.concatenate([jax.nn.softmax(x, axis=-1), jax.nn.softmax(-x, axis=-1)], axis=-1)
     if kind is FeatureMap.RELU:
         return jax.nn.relu(x)
+    if kind is FeatureMap.RELU_PAIR:
+        return jnp.concatenate([jax.nn.relu(x), jax.nn.relu(-x)], axis=-1)
     raise ValueError(f"unknown feature map {kind!r}; use one of {[k.name for k in FeatureMap]}")
 
 

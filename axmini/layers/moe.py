@@ -262,6 +262,9 @@ class MoE(Layer):
         load_balance_loss_weight: float = 0.01
         router_z_loss_weight: float = 0.001
 
+    # The router stays as it is: a weight transform (QAT, LoRA) rewrites the experts.
+    weight_names = ("wi_0", "wi_1", "wi", "wo")
+
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
@@ -281,7 +284,9 @@ class MoE(Layer):
             self.wi_1 = self.param(shape_in, axes=axes_in, rngs=rngs, fan_in_axes=(1,))
         else:
             self.wi = self.param(shape_in, axes=axes_in, rngs=rngs, fan_in_axes=(1,))
-        self.wo = self.param((num_experts, self.hidden_dim, dim), axes=("expert", "mlp", "embed"), rngs=rngs)
+        self.wo = self.param(
+            (num_experts, self.hidden_dim, dim), axes=("expert", "mlp", "embed"), rngs=rngs, fan_in_axes=(1,)
+        )
         self.gating = fill_child(cfg.gating, parent=cfg, num_experts=num_experts).instantiate()
         self.deterministic = False
 
@@ -302,9 +307,9 @@ class MoE(Layer):
     def _experts(self, x: Array, matmul: Callable[[Array, Array], Array], hint: Callable[[Array], Array]) -> Array:
         """The expert FFNs, given the batched matmul of inputs with [E, in, out] weights."""
         act = self.config.activation
-        project = lambda w: hint(matmul(x, w[...].astype(x.dtype)))
+        project = lambda w: hint(matmul(x, self.read_weight(w).astype(x.dtype)))
         h = act(project(self.wi_0)) * project(self.wi_1) if act.gated else act(project(self.wi))
-        return matmul(h, self.wo[...].astype(x.dtype))
+        return matmul(h, self.read_weight(self.wo).astype(x.dtype))
 
     def _einsum_dispatch(self, x: Array, routing: Routing) -> tuple[Array, Array]:
         capacity_range = jnp.arange(routing.capacity, dtype=routing.slots.dtype)

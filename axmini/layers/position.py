@@ -8,11 +8,21 @@ with one config rewrite, and no layer changes.
 
 from __future__ import annotations
 
+import enum
+
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
 
-from axmini.config import ConfigBase, ConfigModifier, ConfigValueError, check_positive, config_path, fill_child
+from axmini.config import (
+    ConfigBase,
+    ConfigModifier,
+    ConfigValueError,
+    check_positive,
+    config_path,
+    fill_child,
+    optional,
+)
 from axmini.layers.attention import QKV, BaseQKVProjection, QKVProjection, map_attention_configs
 
 Array = jax.Array
@@ -30,20 +40,39 @@ def rotary_dim(head_dim: int, rotary_fraction: float) -> int:
     return int(dims)
 
 
-def apply_rope(x: Array, positions: Array, *, theta: float = 10000.0, rotary_fraction: float = 1.0) -> Array:
+class RoPELayout(enum.Enum):
+    """Which head dims rotate together, as the pair of the i-th frequency."""
+
+    ROTATE_HALF = "rotate_half"  # (i, i + r/2): Hugging Face, Llama, Gemma.
+    INTERLEAVED = "interleaved"  # (2i, 2i + 1): AXLearn, GPT-J, the RoFormer paper.
+
+
+def apply_rope(
+    x: Array,
+    positions: Array,
+    *,
+    theta: float = 10000.0,
+    rotary_fraction: float = 1.0,
+    layout: RoPELayout = RoPELayout.ROTATE_HALF,
+) -> Array:
     """Rotates x [B,T,N,Dh] by `positions` [B,T] (computed in float32, returned in x's dtype).
 
-    The first r = Dh * rotary_fraction dims rotate, as pairs (i, i + r/2) at frequency theta^(-2i/r)
-    (the "rotate half" layout); the other dims pass through unchanged.
+    The first r = Dh * rotary_fraction dims rotate, the i-th pair at frequency theta^(-2i/r), the pairs laid out
+    as `layout` says; the other dims pass through unchanged.
     """
     r = rotary_dim(x.shape[-1], rotary_fraction)
     freqs = theta ** (-jnp.arange(0, r, 2, dtype=jnp.float32) / r)  # [r/2]
     angles = positions.astype(jnp.float32)[:, :, None, None] * freqs  # [B,T,1,r/2]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x32 = x.astype(jnp.float32)
-    x1, x2, rest = x32[..., : r // 2], x32[..., r // 2 : r], x32[..., r:]
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
-    return rotated.astype(x.dtype)
+    rotating, rest = x32[..., :r], x32[..., r:]
+    if layout is RoPELayout.ROTATE_HALF:
+        x1, x2 = rotating[..., : r // 2], rotating[..., r // 2 :]
+        rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    else:
+        x1, x2 = rotating[..., 0::2], rotating[..., 1::2]
+        rotated = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(rotating.shape)
+    return jnp.concatenate([rotated, rest], axis=-1).astype(x.dtype)
 
 
 class RoPEProjection(BaseQKVProjection):
@@ -54,6 +83,7 @@ class RoPEProjection(BaseQKVProjection):
         theta: float = 10000.0
         # Fraction of head_dim that rotates (partial rotary embedding); 1.0 rotates all of it.
         rotary_fraction: float = 1.0
+        layout: RoPELayout = optional(RoPELayout.ROTATE_HALF)
 
     wraps_projection = True
 
@@ -61,6 +91,8 @@ class RoPEProjection(BaseQKVProjection):
         super().__init__(cfg, rngs=rngs)
         cfg = self.config
         check_positive(cfg, "theta")
+        if cfg.bias:
+            raise ConfigValueError(f"{config_path(cfg, 'bias')}: RoPE adds no projection; set inner.bias instead")
         try:
             rotary_dim(cfg.head_dim, cfg.rotary_fraction)
         except ValueError as e:
@@ -78,7 +110,7 @@ class RoPEProjection(BaseQKVProjection):
     def rotate(self, qkv: QKV, positions: Array) -> QKV:
         cfg = self.config
         q, k, v = self.inner.rotate(qkv, positions)
-        rope = dict(theta=cfg.theta, rotary_fraction=cfg.rotary_fraction)
+        rope = dict(theta=cfg.theta, rotary_fraction=cfg.rotary_fraction, layout=cfg.layout)
         return QKV(apply_rope(q, positions, **rope), apply_rope(k, positions, **rope) if k is not None else None, v)
 
 

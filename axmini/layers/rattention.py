@@ -46,6 +46,7 @@ from axmini.config import (
     fill_child,
     find_configs,
     map_configs,
+    optional,
 )
 from axmini.layers.attention import KV, QKV, Attention, KVCache, map_attention_configs
 from axmini.layers.kernels import AttentionMask
@@ -103,6 +104,8 @@ class RAttention(Attention):
         # Per-head RMSNorms of the two branches (input_dim = head_dim, filled by the layer).
         window_norm: RMSNorm.Config = RMSNorm.default_config()
         linear_norm: RMSNorm.Config = RMSNorm.default_config()
+        # A separate norm scale per head ([heads, head_dim], AXLearn's) instead of one [head_dim] shared by all heads.
+        per_head_norm_scale: bool = optional(False)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -113,8 +116,9 @@ class RAttention(Attention):
                 "keys before RoPE and cannot read another layer's keys/values; set kv_sharing=None on the stack "
                 "or keep plain Attention for KV-sharing consumers"
             )
+        heads = {"heads": cfg.num_heads} if cfg.per_head_norm_scale else {}
         window_norm, linear_norm = (
-            fill_child(norm, parent=cfg, input_dim=self.head_dim).set(axis_name="head_dim")
+            fill_child(norm, parent=cfg, input_dim=self.head_dim).set(axis_name="head_dim", **heads)
             for norm in (cfg.window_norm, cfg.linear_norm)
         )
         self.window_norm = window_norm.instantiate(rngs=rngs)
@@ -209,7 +213,7 @@ class RAttention(Attention):
         span = cfg.sliding_window + 1
         # The last T keys are the new tokens: an aligned mask, attended in blocks when long (kernels.py).
         mask = AttentionMask(new_positions, key_positions, segments, key_segments, cfg.sliding_window, aligned=True)
-        window_out = self.kernel(q, keys, values, mask, logit_softcap=cfg.logit_softcap)
+        window_out = self.kernel(q, keys, values, mask, logit_softcap=cfg.logit_softcap, query_scale=cfg.query_scale)
 
         # Linear branch: key t leaves the window at new token t. Keys past this row's valid tokens stay in the
         # buffer: zero features, and the segment of the last key that left, so they leave the state unchanged.

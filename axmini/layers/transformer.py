@@ -35,6 +35,7 @@ from axmini.config import (
     fill_child,
     find_configs,
     map_configs,
+    optional,
     replace_config,
 )
 from axmini.layers.attention import KV, Attention, BaseQKVProjection, QueryOnlyProjection, SlidingWindowModifier
@@ -53,13 +54,19 @@ class LayerOutput(NamedTuple):
 
 
 class TransformerLayer(Layer):
-    """x + attention(norm(x)), then x + feed_forward(norm(x)). Each of the three parts is a slot."""
+    """x + attention(norm(x)), then x + feed_forward(norm(x)). Each of the three parts is a slot.
+
+    With the optional "sandwich" norms (Gemma 2 and 3) each residual branch is also normalized at its output:
+    x + post_attention_norm(attention(norm(x))), then x + post_feed_forward_norm(feed_forward(norm(x))).
+    """
 
     class Config(Layer.Config):
         input_dim: Required[int] = REQUIRED
         norm: Layer.Config = RMSNorm.default_config()
         self_attention: Layer.Config = Attention.default_config()
         feed_forward: Layer.Config = FeedForward.default_config()
+        post_attention_norm: Layer.Config | None = optional(None)
+        post_feed_forward_norm: Layer.Config | None = optional(None)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
@@ -72,6 +79,10 @@ class TransformerLayer(Layer):
         self.self_attention = attention.instantiate(rngs=rngs)
         self.feed_forward_norm = norm.instantiate(rngs=rngs)
         self.feed_forward = feed_forward.instantiate(rngs=rngs)
+        self.post_attention_norm, self.post_feed_forward_norm = (
+            fill_child(child, parent=cfg, input_dim=cfg.input_dim).instantiate(rngs=rngs) if child is not None else None
+            for child in (cfg.post_attention_norm, cfg.post_feed_forward_norm)
+        )
 
     def __call__(
         self,
@@ -85,12 +96,16 @@ class TransformerLayer(Layer):
         attn = self.self_attention(
             self.attention_norm(x), positions=positions, segment_ids=segment_ids, cache=cache, shared_kv=shared_kv
         )
-        x = x + attn.output
-        x = x + self.feed_forward(self.feed_forward_norm(x))
+        x = x + _maybe(self.post_attention_norm, attn.output)
+        x = x + _maybe(self.post_feed_forward_norm, self.feed_forward(self.feed_forward_norm(x)))
         return LayerOutput(x, attn.cache, attn.kv)
 
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
         return self.self_attention.init_cache(batch_size, max_length, dtype)
+
+
+def _maybe(norm: nnx.Module | None, x: Array) -> Array:
+    return x if norm is None else norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,7 +181,11 @@ class BaseStack(Layer):
     @property
     def num_kv_layers(self) -> int:
         """The number of first-block layers: those that produce keys/values and keep a cache."""
-        cfg = self.config
+        return self.kv_layer_count(self.config)
+
+    @staticmethod
+    def kv_layer_count(cfg: Config) -> int:
+        """`num_kv_layers` of a stack config."""
         if cfg.kv_sharing is None:
             return cfg.num_layers
         first, second = cfg.kv_sharing
@@ -178,6 +197,12 @@ class BaseStack(Layer):
                 f"num_layers * a divisible by a + b (e.g. (5, 3) for 56 layers gives 35 + 21)"
             )
         return cfg.num_layers * first // total
+
+    @classmethod
+    def layer_location(cls, cfg: Config, index: int) -> tuple[str, int]:
+        """Where the parameters of layer `index` live: (their path in the stack, their index on the leading
+        `layers` axis of those stacked parameters). How a checkpoint converter finds layer i."""
+        raise NotImplementedError(cls)
 
     def _block_configs(self, layer_cfgs: list[ConfigBase]) -> list[ConfigBase]:
         """Per-layer configs with input_dim filled and second-block layers made KV consumers."""
@@ -271,6 +296,11 @@ class RepeatedStack(BaseStack):
         self.layers = stack_modules(layer_cfgs[0], n_kv, axis="layers", rngs=rngs)
         n_shared = cfg.num_layers - n_kv
         self.shared_kv_layers = stack_modules(layer_cfgs[-1], n_shared, axis="layers", rngs=rngs) if n_shared else None
+
+    @classmethod
+    def layer_location(cls, cfg: Config, index: int) -> tuple[str, int]:
+        n_kv = cls.kv_layer_count(cfg)
+        return ("layers", index) if index < n_kv else ("shared_kv_layers", index - n_kv)
 
     def __call__(
         self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
@@ -382,14 +412,8 @@ class PatternStack(BaseStack):
                 f"len({config_path(cfg, 'pattern')})={period}; use num_layers = k * {period or 'len(pattern)'}"
             )
         layer_cfgs = self._block_configs([cfg.pattern[i % period] for i in range(cfg.num_layers)])
-        runs = []  # (first layer, layers, repeats) of each group: whole patterns of a block, then its rest.
-        for start, end in ((0, self.num_kv_layers), (self.num_kv_layers, cfg.num_layers)):
-            repeats = (end - start) // period
-            rest = start + repeats * period
-            runs += [(start, period, repeats)] if repeats else []
-            runs += [(rest, end - rest, 1)] if rest < end else []
-            if start == 0:
-                self.num_kv_groups = len(runs)
+        runs = self.group_runs(cfg)
+        self.num_kv_groups = sum(first < self.num_kv_layers for first, _, _ in runs)
         self.repeats = tuple(repeats for _, _, repeats in runs)
 
         def group(first: int, size: int) -> LayerGroup.Config:
@@ -401,6 +425,26 @@ class PatternStack(BaseStack):
                 for i, (first, size, repeats) in enumerate(runs)
             }
         )
+
+    @classmethod
+    def group_runs(cls, cfg: Config) -> list[tuple[int, int, int]]:
+        """(first layer, layers, repeats) of each scanned group: per KV-sharing block, its whole patterns, then its
+        rest."""
+        period, n_kv = len(cfg.pattern), cls.kv_layer_count(cfg)
+        runs = []
+        for start, end in ((0, n_kv), (n_kv, cfg.num_layers)):
+            repeats = (end - start) // period
+            rest = start + repeats * period
+            runs += [(start, period, repeats)] if repeats else []
+            runs += [(rest, end - rest, 1)] if rest < end else []
+        return runs
+
+    @classmethod
+    def layer_location(cls, cfg: Config, index: int) -> tuple[str, int]:
+        for group, (first, size, repeats) in enumerate(cls.group_runs(cfg)):
+            if first <= index < first + size * repeats:
+                return f"groups/{group}/layers/{(index - first) % size}", (index - first) // size
+        raise IndexError(f"{config_path(cfg, 'num_layers')}={cfg.num_layers} has no layer {index}")
 
     def __call__(
         self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
@@ -484,9 +528,11 @@ class GlobalLocalModifier(ConfigModifier):
         sliding_window: int = 4096
         # Remove RoPE from the global layers (their attention then has no positional encoding).
         strip_global_rope: bool = True
+        # The RoPE theta of the local layers (Gemma 3: 10k local, 1M global); None: as the layer config has it.
+        local_rope_theta: float | None = None
 
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
-        check_positive(self.config, "local_layers", "global_layers", "sliding_window")
+        check_positive(self.config, "local_layers", "global_layers", "sliding_window", "local_rope_theta")
         for path, stack in find_configs(cfg, BaseStack.matches):
             period = len(to_pattern_stack(stack).pattern)
             if period != 1:
@@ -501,6 +547,8 @@ class GlobalLocalModifier(ConfigModifier):
         stack = to_pattern_stack(stack)
         window = SlidingWindowModifier.default_config().set(sliding_window=mcfg.sliding_window).instantiate()
         local = window(stack.pattern[0].clone())
+        if mcfg.local_rope_theta is not None:
+            local = map_configs(local, RoPEProjection, lambda rope: rope.set(theta=mcfg.local_rope_theta))
         global_ = stack.pattern[0].clone()
         if mcfg.strip_global_rope:
             global_ = map_configs(global_, RoPEProjection, lambda rope: rope.inner)

@@ -1,41 +1,32 @@
-"""Counting rules for the modularity report: which lines are code, which files count, what a change touches.
+"""Counting rules for the modularity tools: which lines are code, which files count and as what.
 
-Definitions used throughout `axmini.tools`:
-
-- A *feature integration* is a change that gives one capability (RoPE, MoE, ...) to a set of *targets*: models,
-  experiments, layer variants.
-- Its *implementation* is the code it adds in files that did not exist before the change (the new module that
-  holds the feature). Its *integration cost* is the code lines added plus the code lines deleted in files that
-  did exist before (the edits every existing place needs so the feature reaches it).
-- A *code line* is a line of a counted file that holds at least one program token. Blank lines, comment lines
-  and Python docstrings are not code; a line of a multi-line string that is not a docstring is. Python is
-  tokenized with `tokenize` and docstrings found with `ast`, so strings holding `#` and code on the same line as
-  a comment are classified correctly.
-- Counted files are source files (`CODE_EXTENSIONS`, or a build file such as `Makefile`). Tests (a `tests/` or
-  `test/` directory, `test_*.py`, `*_test.py`, `conftest.py`), documentation (`docs/`, `*.md`, `*.rst`,
-  `*.txt`, README/LICENSE) and golden or fixture data (`golden/`, `testdata/`, `fixtures/` directories, and
-  every non-source file such as `*.json`) are reported but never counted.
-- *LoC-complexity* is how the integration cost grows with the number of targets: a least-squares fit of
-  log(cost) against log(N) (and log(M) when a second dimension varies), classified by the rounded slopes as
-  O(1), O(N), O(N*M), ... with the fitted slopes shown next to the class.
+- A *code line* is a line that holds at least one program token. Blank lines, comment lines and Python docstrings
+  are not code; a line of a multi-line string that is not a docstring is. Python is tokenized with `tokenize` and
+  docstrings found with `ast`, so strings holding `#` and code beside a comment are classified correctly.
+- Every repository file is of one kind (`classify_path`): *code* (source files, `CODE_EXTENSIONS`, and build files
+  such as `Makefile`), *config* (YAML, TOML, JSON, INI), *script* (shell), each counted in its own class; or
+  *test* (a `tests/` or `test/` directory, `test_*.py`, `*_test.py`, `conftest.py`), *doc* (`docs/`, `*.md`,
+  `*.rst`, `*.txt`, README/LICENSE) and *data* (`golden/`, `testdata/`, `fixtures/` directories, and every other
+  file), which are reported but never counted, and never diffed.
+- Python definitions (`python_symbols`) are read with `ast`: what `axmini.tools.history` sorts changes by.
 """
 
 from __future__ import annotations
 
 import ast
 import io
-import math
 import tokenize
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
-import numpy as np
-
 CODE_EXTENSIONS = frozenset(
     ".py .pyi .pyx .c .cc .cpp .cxx .h .hh .hpp .cu .cuh .rs .go .java .scala .kt .js .jsx .ts .tsx .swift .m .mm "
-    ".jl .sh .bash .proto .bzl .yaml .yml .toml .cfg .ini".split()
+    ".jl .proto .bzl".split()
 )
+CONFIG_EXTENSIONS = frozenset(".yaml .yml .toml .json .cfg .ini".split())
+SCRIPT_EXTENSIONS = frozenset(".sh .bash .zsh".split())
+COUNTED_KINDS = ("code", "config", "script")
 BUILD_FILE_NAMES = frozenset({"Makefile", "BUILD", "WORKSPACE", "Dockerfile", "CMakeLists.txt"})
 DOC_EXTENSIONS = frozenset({".md", ".rst", ".txt", ".adoc", ".tex"})
 DOC_NAMES = ("README", "LICENSE", "CHANGELOG", "CONTRIBUTING", "NOTICE", "AUTHORS")
@@ -51,7 +42,7 @@ _BLOCK_COMMENT_EXTENSIONS = frozenset(ext for ext, prefix in _LINE_COMMENT.items
 
 
 def classify_path(path: str) -> str:
-    """The kind of a repository file: "code" (counted), or "test", "doc", "data" (reported, not counted)."""
+    """The kind of a repository file: "code", "config", "script" (counted), or "test", "doc", "data"."""
     p = PurePosixPath(path)
     dirs = {part.lower() for part in p.parts[:-1]}
     name, suffix = p.name, p.suffix.lower()
@@ -59,13 +50,16 @@ def classify_path(path: str) -> str:
         return "data"
     if dirs & TEST_DIRS or name == "conftest.py" or (suffix == ".py" and name.startswith("test_")):
         return "test"
-    if p.stem.endswith("_test") and suffix in CODE_EXTENSIONS:
+    if p.stem.endswith("_test") and suffix in CODE_EXTENSIONS | SCRIPT_EXTENSIONS:
         return "test"
     if name in BUILD_FILE_NAMES:
         return "code"
     if dirs & DOC_DIRS or suffix in DOC_EXTENSIONS or name.upper().startswith(DOC_NAMES):
         return "doc"
-    return "code" if suffix in CODE_EXTENSIONS else "data"
+    for kind, extensions in (("code", CODE_EXTENSIONS), ("config", CONFIG_EXTENSIONS), ("script", SCRIPT_EXTENSIONS)):
+        if suffix in extensions:
+            return kind
+    return "data"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -181,55 +175,3 @@ def symbols_touching(symbols: Sequence[Symbol], lines: Iterable[int]) -> set[Sym
     """The symbols whose span holds at least one of `lines` (a changed method touches its class too)."""
     lines = sorted(set(lines))
     return {s for s in symbols if any(s.start <= line <= s.end for line in lines)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# LoC-complexity.
-
-
-@dataclass(frozen=True)
-class Complexity:
-    """A fitted growth law: cost ~ N**slope_n * M**slope_m; `label` is the rounded class, e.g. "O(N*M)"."""
-
-    label: str
-    slope_n: float | None
-    slope_m: float | None
-    points: int
-
-    def describe(self) -> str:
-        pairs = (("slope_N", self.slope_n), ("slope_M", self.slope_m))
-        slopes = [f"{axis}={s + 0.0 if abs(s) >= 0.005 else 0.0:.2f}" for axis, s in pairs if s is not None]
-        return f"{self.label} ({', '.join(slopes)})" if slopes else self.label
-
-
-def _order(axis: str, exponent: int) -> str:
-    return "" if exponent == 0 else axis if exponent == 1 else f"{axis}^{exponent}"
-
-
-def fit_complexity(points: Sequence[tuple[int, int, float]]) -> Complexity:
-    """Fits log(cost) = a + b*log(N) + c*log(M) by least squares over `points` = (N, M, cost).
-
-    A cost of 0 is fitted as 1 (the log of nothing is undefined; constant zero is still O(1)). An axis that
-    does not vary is left out of the fit. Each slope is rounded to the nearest integer exponent (|slope| < 0.5
-    is constant), giving O(1), O(N), O(N*M), O(N^2), ...
-    """
-    if not points:
-        return Complexity("n/a", None, None, 0)
-    ns = np.array([p[0] for p in points], dtype=float)
-    ms = np.array([p[1] for p in points], dtype=float)
-    costs = np.array([max(float(p[2]), 1.0) for p in points])
-    if np.any(ns <= 0) or np.any(ms <= 0):
-        raise ValueError(f"fit_complexity: target counts must be positive, got points {list(points)}")
-    columns, axes = [np.ones_like(ns)], []
-    for axis, values in (("N", ns), ("M", ms)):
-        if len(set(values.tolist())) > 1:
-            columns.append(np.log(values))
-            axes.append(axis)
-    if not axes:
-        return Complexity("n/a (one target count)", None, None, len(points))
-    coeffs, *_ = np.linalg.lstsq(np.stack(columns, axis=1), np.log(costs), rcond=None)
-    slopes = dict(zip(axes, (float(c) for c in coeffs[1:])))
-    parts = [_order(axis, math.floor(abs(s) + 0.5) * (1 if s >= 0 else -1)) for axis, s in slopes.items()]
-    parts = [p for p in parts if p]
-    label = f"O({'*'.join(parts)})" if parts else "O(1)"
-    return Complexity(label, slopes.get("N"), slopes.get("M"), len(points))

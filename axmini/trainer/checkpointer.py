@@ -82,6 +82,13 @@ class Checkpointer(Configurable):
         restored = self._manager.restore(step, args=args)
         return Restored(step, restored["state"], dict(restored["metadata"]))
 
+    def restore_subtree(self, step: int, abstract: Any) -> Any:
+        """Only the entries of the state saved at `step` that `abstract` names (e.g. {"params", "rest"} to sample or
+        to start a fine-tune, without reading the optimizer state), placed as `abstract`'s leaves say."""
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        args = ocp.args.PyTreeRestore(abstract, restore_args=restore_args, partial_restore=True)
+        return ocp.PyTreeCheckpointer().restore(self._dir / str(step) / "state", args=args)
+
     def restore_latest(self, abstract_state: Any) -> Restored | None:
         """The newest readable checkpoint (None when there is none). An unreadable one is moved aside with a
         warning, and the one before it is tried."""

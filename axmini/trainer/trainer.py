@@ -40,6 +40,7 @@ from axmini.config import (
     check_positive,
     config_path,
     fill_child,
+    optional,
 )
 from axmini.mesh_rules import (
     MeshRule,
@@ -55,6 +56,7 @@ from axmini.trainer.evaluator import Evaluator
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 from axmini.trainer.learner import Learner
 from axmini.trainer.summary import ProgressBar, SummaryWriter, flops_per_token, mfu
+from axmini.trainer.warm_start import check_init_from, has_checkpoint, warm_started
 
 State = dict[str, Any]
 BATCH_AXES = ("batch", "length")
@@ -91,7 +93,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules: Any) -> Any:
             return _replicated(mesh)
         return NamedSharding(mesh, logical_to_spec(axes, rules, np.shape(value), mesh))
 
-    shardings = [sharding(item) for item in items]
+    # A variable of a frozen parameter's optimizer state (optax masks, e.g. LoRA) holds no array: it gets none.
+    shardings = [sharding(item) for item in items if jax.tree.leaves(item)]
     treedef = jax.tree.structure(abstract_state)
     if treedef.num_leaves != len(shardings):
         raise ValueError("train state: every variable must hold exactly one array")
@@ -116,6 +119,9 @@ class Trainer(Configurable):
         mesh_selector: str | None = None  # An instance type (cpu, gpu-h100-8, tpu-v5p-256...); None: detect.
         seed: int = 0
         progress_bar: bool = True
+        # The weights this run starts from when it has no checkpoint of its own (the base model of a fine-tune): a
+        # trainer dir, or hf:DIR (a Hugging Face model dir); see axmini/trainer/warm_start.py. None: the initializers.
+        init_from: str | None = optional(None)
 
     def __init__(self, cfg: Config, *, devices: list[jax.Device] | None = None):
         selector = cfg.mesh_selector or detect_instance_type()
@@ -129,6 +135,8 @@ class Trainer(Configurable):
         self.mesh = make_mesh(self.mesh_rule, devices, num_slices)
         self.rules = tuple(tuple(rule) for rule in self.mesh_rule.logical_axis_rules)
         self._check(cfg)
+        if cfg.init_from is not None and not has_checkpoint(cfg.checkpointer.dir):  # Resuming never reads it.
+            check_init_from(cfg.init_from, cfg.model)
         self.input: Input = cfg.input.instantiate()
         self.evaluator: Evaluator = cfg.evaluator.instantiate()
         self.learner: Learner = cfg.learner.instantiate()
@@ -321,7 +329,7 @@ class Trainer(Configurable):
     # State: init, restore, model.
 
     def init_state(self) -> State:
-        """A fresh state, initialized directly sharded.
+        """A fresh state, initialized directly sharded (from `init_from`'s parameters when set).
 
         On CPU the init program is compiled without backend optimization: it runs once, and XLA:CPU spends
         seconds optimizing its random-number code for nothing (values agree to the last float bit or so).
@@ -329,7 +337,8 @@ class Trainer(Configurable):
         options = {"xla_backend_optimization_level": 0} if self.mesh.devices.flat[0].platform == "cpu" else None
         with sharding_context(self.mesh, self.rules):
             lowered = jax.jit(self._init_state, out_shardings=self.state_shardings).lower()
-        return lowered.compile(compiler_options=options)()
+        state = lowered.compile(compiler_options=options)()
+        return warm_started(self, state) if self.config.init_from is not None else state
 
     def restore_or_init(self, checkpointer: Checkpointer | None = None) -> State:
         """The latest readable checkpoint's state, restored onto this mesh, or a fresh state."""
@@ -365,8 +374,11 @@ class Trainer(Configurable):
         self._write_run_files()
         checkpointer: Checkpointer = cfg.checkpointer.instantiate()
         writer: SummaryWriter = cfg.summary_writer.instantiate()
+        warm_start = cfg.init_from is not None and not checkpointer.all_steps()
         state = self.restore_or_init(checkpointer)
         step = int(jax.device_get(state["step"]))
+        if warm_start:  # The run's own starting point: a resume never reads the source again.
+            checkpointer.save(step, state, {"input_position": step, "init_from": cfg.init_from}, force=True)
         writer.start_at(step)
         losses: dict[int, float] = {}
         eval_metrics: dict[str, float] = {}
