@@ -1,4 +1,5 @@
-"""MoE layer: gating, capacity, both dispatch paths against a per-token loop, aux losses, sharding."""
+"""MoE layer: gating, capacity, every dispatch path against a per-token loop, weight transforms, aux losses,
+sharding."""
 
 import math
 
@@ -21,6 +22,8 @@ from axmini.layers.moe import (
     TopKGating,
 )
 from axmini.layers.transformer import GlobalLocalModifier, PatternStack, RepeatedStack, TransformerLayer
+from axmini.layers.weight_transform import transformed_weights
+from axmini.lora import LoRA
 from axmini.mesh_rules import DEFAULT_LOGICAL_AXIS_RULES
 from axmini.module import build_abstract, build_sharded, capture_aux, sharding_context
 
@@ -195,6 +198,25 @@ def test_one_expert_top1_dropless_equals_dense_ffn(dispatch, activation):
     else:
         dense = gelu(x @ p["wi"][0]) @ p["wo"][0]
     np.testing.assert_allclose(np.asarray(nnx.jit(call)(model, jnp.asarray(x))), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dispatch", list(MoEDispatch))
+def test_every_dispatch_computes_with_the_weight_transformed_experts(dispatch):
+    """LoRA on the experts (adapters made nonzero): each dispatch path equals the same MoE without a transform whose
+    expert weights are the transformed ones (the router is not a transformed weight)."""
+    cfg = moe_config(dispatch=dispatch).set(weight_transform=LoRA.default_config().set(rank=2))
+    model = cfg.instantiate(rngs=nnx.Rngs(0))
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] == "b":  # B starts at zero: the adapter would be a no-op.
+            variable.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), variable.get_value().shape))
+    plain = moe_config(dispatch=dispatch).instantiate(rngs=nnx.Rngs(0))
+    plain.router.set_value(model.router[...])
+    for transformed in transformed_weights(model):
+        assert not np.allclose(transformed.value(), transformed.weight[...], rtol=1e-3, atol=1e-3)
+        getattr(plain, transformed.name).set_value(transformed.value())
+    x = jax.random.normal(jax.random.key(1), (2, 5, D))
+    got, want = nnx.jit(call)(model, x), nnx.jit(call)(plain, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ from axmini.layers.transformer import (
     RepeatedStack,
     TransformerLayer,
 )
+from axmini.layers.weight_transform import transformed_weights, without_weight_transforms
+from axmini.lora import LoRAModifier
 from axmini.module import Layer, build_abstract, capture_aux, param_infos
+from axmini.qat import QATModifier
 
 DIM, B, T = 16, 2, 9
 
@@ -142,6 +145,70 @@ def test_scanned_pattern_stack_matches_unscanned_forward_and_gradients(name):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got_grads, want_grads)
     assert len(jax.tree.leaves(got_grads)) > 20  # Every group's parameters got a gradient.
+
+
+@pytest.mark.parametrize("name", ["pattern_global_local_kv_shared", "pattern_kv_split_mid_pattern"])
+def test_layer_location_points_at_each_layers_parameters(name):
+    cfg = STACKS[name]()
+    stack = cfg.instantiate(rngs=nnx.Rngs(0))
+    params = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(stack, nnx.Param))}
+    layers = _unscanned_layers(stack)
+    assert len(layers) == cfg.num_layers
+    for i, layer in enumerate(layers):
+        prefix, repeat = PatternStack.layer_location(cfg, i)
+        for path, variable in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
+            stacked = params[f"{prefix}/{'/'.join(map(str, path))}"]
+            np.testing.assert_array_equal(stacked[repeat], variable.get_value())
+    with pytest.raises(IndexError, match="has no layer 8"):
+        PatternStack.layer_location(cfg, 8)
+
+
+def test_repeated_stack_layer_location_splits_the_kv_sharing_blocks():
+    cfg = STACKS["repeated_kv_shared"]()
+    locations = [RepeatedStack.layer_location(cfg, i) for i in range(4)]
+    assert locations == [("layers", 0), ("layers", 1), ("shared_kv_layers", 0), ("shared_kv_layers", 1)]
+
+
+@pytest.mark.parametrize("transform", ["lora", "qat"])
+def test_weight_transforms_reach_every_layer_of_a_scanned_pattern_stack(transform):
+    """LoRA (adapters made nonzero) and QAT on L G L G (one group scanned twice): the stack
+    computes what a plain stack does with every transformed weight in place of its weight, the unscanned layers
+    agree, and every adapter gets a gradient through the scan."""
+    modifier = LoRAModifier.default_config().set(rank=2) if transform == "lora" else QATModifier.default_config()
+    cfg = modifier.instantiate()(_global_local(num_layers=4))
+    stack = cfg.instantiate(rngs=nnx.Rngs(0))
+    assert stack.repeats == (2,)
+    for path, variable in nnx.to_flat_state(nnx.state(stack, nnx.Param)):
+        if str(path[-2]).endswith("_lora") and path[-1] == "b":  # B starts at zero: the adapter would be a no-op.
+            variable.set_value(0.01 * jax.random.normal(jax.random.key(len(path)), variable.get_value().shape))
+    transformed = {f"{t.path}/{t.name}": t.value() for t in transformed_weights(stack)}
+    weights = {f"{t.path}/{t.name}": t.weight[...] for t in transformed_weights(stack)}
+    assert not any(np.allclose(transformed[k], weights[k], rtol=1e-4, atol=1e-6) for k in weights)  # Not identities.
+    assert len(transformed) == 2 * 7  # Per group layer: q, k, v, o, wi_0, wi_1, wo.
+    plain = build_abstract(without_weight_transforms(cfg))
+    plain_params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(stack, nnx.Param))}
+    state = nnx.state(plain, nnx.Param)
+    for path, variable in nnx.to_flat_state(state):
+        key = "/".join(map(str, path))
+        variable.set_value(transformed.get(key, plain_params[key].get_value()))
+    nnx.update(plain, state)
+    x, positions = _inputs()
+    got = _run(stack, x, positions).x
+    np.testing.assert_allclose(got, _run(plain, x, positions).x, rtol=1e-5, atol=1e-5)
+
+    def loss(stack, forward):
+        return jnp.sum(forward(stack) ** 2)
+
+    scanned = nnx.jit(nnx.value_and_grad(lambda m: loss(m, lambda s: s(x, positions=positions).x)))
+    unscanned = nnx.jit(nnx.value_and_grad(lambda m: loss(m, lambda s: _unscanned_forward(s, x, positions))))
+    (want, want_grads), (got_loss, got_grads) = unscanned(stack), scanned(stack)
+    np.testing.assert_allclose(got_loss, want, rtol=1e-5, atol=1e-5)
+    # Gradients span orders of magnitude within an array: elements agree to 1e-5 of the array's largest.
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    jax.tree.map(close, got_grads, want_grads)
+    suffix = "_lora" if transform == "lora" else "_qat"
+    own = [g for p, g in nnx.to_flat_state(got_grads) if any(str(n).endswith(suffix) for n in p)]
+    assert own and all(float(jnp.max(jnp.abs(g.get_value()))) > 0 for g in own)
 
 
 def test_stacked_parameters_have_leading_layers_axis():
