@@ -200,6 +200,15 @@ def test_one_expert_top1_dropless_equals_dense_ffn(dispatch, activation):
     np.testing.assert_allclose(np.asarray(nnx.jit(call)(model, jnp.asarray(x))), dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # jax warns before it refuses a float32 -> bfloat16 scatter.
+@pytest.mark.parametrize("dispatch", list(MoEDispatch))
+def test_every_dispatch_runs_in_bfloat16_without_an_implicit_downcast(dispatch):
+    model = moe_config(dispatch=dispatch).set(param_dtype=jnp.bfloat16).instantiate(rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, D), jnp.bfloat16)
+    y = nnx.jit(call)(model, x)
+    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
+
+
 @pytest.mark.parametrize("dispatch", list(MoEDispatch))
 def test_every_dispatch_computes_with_the_weight_transformed_experts(dispatch):
     """LoRA on the experts (adapters made nonzero): each dispatch path equals the same MoE without a transform whose

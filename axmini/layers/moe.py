@@ -339,7 +339,8 @@ class MoE(Layer):
         g, s, e = (jnp.broadcast_to(a, routing.kept.shape) for a in jnp.ix_(*map(jnp.arange, routing.kept.shape)))
         slot = jnp.where(routing.kept, routing.slots, capacity)  # Dropped pairs go out of range: not written.
         index = jnp.full((groups, num_experts, capacity), group_size, jnp.int32).at[g, e, slot].set(s, mode="drop")
-        weight = jnp.zeros((groups, num_experts, capacity), x.dtype).at[g, e, slot].set(routing.weights, mode="drop")
+        pair_weights = routing.weights.astype(x.dtype)  # Cast first: a scatter does not cast float32 into bfloat16.
+        weight = jnp.zeros((groups, num_experts, capacity), x.dtype).at[g, e, slot].set(pair_weights, mode="drop")
         rows = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # Row group_size: zeros for empty slots.
         expert_in = jnp.take_along_axis(rows, index.reshape(groups, -1)[..., None], axis=1)
         expert_in = jnp.swapaxes(expert_in.reshape(groups, num_experts, capacity, -1), 0, 1)  # [E, G, C, D]
