@@ -5,8 +5,9 @@ after every section, so a run cut short keeps what it measured):
 
 1. `machine`: versions, the device, and the measured bf16 matmul rate (8192^3), the ceiling for MFU.
 2. `kernels_agree`: every attention kernel through axmini's kernel slot (the one the mesh rules pick on this backend,
-   with its fallback reason if any; XLA; the blocked window; cuDNN's packed layout for 4 segments a row) against
-   the reference kernel at 2k tokens, bf16: the largest difference of the loss and its gradients, relative.
+   with its fallback reason if any, also with a query scale; XLA; the blocked window; cuDNN's packed layout for 4
+   segments a row) against the reference kernel at 2k tokens, bf16: the largest difference of the loss and its
+   gradients, relative.
 3. `llama_1b`: a training step of `llama_1b` (bfloat16 compute and logits, float32 parameters and AdamW, sequence
    2048), two ways in one process: the axmini Trainer (its mesh rule gives GPUs cuDNN flash attention), and a
    plain-JAX Llama written here from scratch over the same parameters (RMSNorm, rotate-half RoPE, grouped-query
@@ -156,28 +157,31 @@ def kernels_agree(args: argparse.Namespace) -> list[dict[str, Any]]:
     q, k, v = qkv(batch, length, heads, kv_heads, head_dim)
     selected, window = backend_kernel(), length // 4
     blocked = XLAKernel.default_config().set(window_block_size=window // 2)
-    cases = {
-        "mesh_rule_kernel": (selected, causal_mask(batch, length)),
-        f"mesh_rule_kernel_window_{window}": (selected, causal_mask(batch, length, window)),
-        "mesh_rule_kernel_1_segment": (selected, causal_mask(batch, length, segments=1)),
+    scale = 0.05  # A query scale other than 1 / sqrt(head_dim) (Gemma's query_pre_attn_scalar).
+    cases = {  # name: (kernel, mask, query scale)
+        "mesh_rule_kernel": (selected, causal_mask(batch, length), None),
+        f"mesh_rule_kernel_window_{window}": (selected, causal_mask(batch, length, window), None),
+        "mesh_rule_kernel_1_segment": (selected, causal_mask(batch, length, segments=1), None),
+        f"mesh_rule_kernel_query_scale_{scale}": (selected, causal_mask(batch, length), scale),
         "cudnn_packed_4_segments": (
             CudnnKernel.default_config().set(max_segments_per_row=4),
             causal_mask(batch, length, segments=4),
+            None,
         ),
-        "xla": (XLAKernel.default_config(), causal_mask(batch, length)),
-        f"xla_blocked_window_{window}": (blocked, causal_mask(batch, length, window)),
+        "xla": (XLAKernel.default_config(), causal_mask(batch, length), None),
+        f"xla_blocked_window_{window}": (blocked, causal_mask(batch, length, window), None),
     }
     reference = ReferenceKernel.default_config().set(window_block_size=None).instantiate()
     rows = []
-    for name, (kernel_cfg, mask) in cases.items():
+    for name, (kernel_cfg, mask, query_scale) in cases.items():
         row: dict[str, Any] = {"case": name, "kernel": kernel_cfg.klass.__name__}
         try:
             kernel = kernel_cfg.instantiate()
             reason = getattr(kernel, "unsupported_reason", lambda *a, **k: None)(q, k, v, mask)
             row["falls_back_because"] = reason
 
-            def run(kernel: Any = kernel, mask: AttentionMask = mask) -> Any:
-                loss = lambda q, k, v: jnp.sum(kernel(q, k, v, mask).astype(jnp.float32) ** 2)
+            def run(kernel: Any = kernel, mask: AttentionMask = mask, scale: float | None = query_scale) -> Any:
+                loss = lambda q, k, v: jnp.sum(kernel(q, k, v, mask, query_scale=scale).astype(jnp.float32) ** 2)
                 return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
             row["relative_difference"] = relative_difference(run(), run(reference))
@@ -455,7 +459,7 @@ def _table(results: dict[str, Any]) -> str:
     for r in results.get("kernels_agree", []) if isinstance(results.get("kernels_agree"), list) else []:
         value = f"relative difference {r['relative_difference']:.2g}" if "agrees" in r else r.get("error", "")[:80]
         fallback = f" (falls back: {r['falls_back_because']})" if r.get("falls_back_because") else ""
-        lines.append(f"kernels agree {r['case']:<30} {r['kernel']:<16} {value}{fallback}")
+        lines.append(f"kernels agree {r['case']:<34} {r['kernel']:<16} {value}{fallback}")
     ll = results.get("llama_1b", {})
     if "rows" in ll:
         lines.append(f"llama_1b, batch {ll['batch']} x {ll['length']}, {ll['params']:,} params:")
