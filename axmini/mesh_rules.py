@@ -23,6 +23,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from axmini.config import ConfigBase, ConfigModifier, ConfigValueError
+from axmini.layers.attention import AttentionKernelModifier
+from axmini.layers.kernels import BaseAttentionKernel, CudnnKernel, SplashKernel
 
 MESH_AXES = ("data", "fsdp", "expert", "seq", "model")
 
@@ -166,13 +168,21 @@ class MeshRule(ConfigBase):
     modifiers: list[ConfigModifier.Config] = []
 
 
+def attention_kernel(kernel: BaseAttentionKernel.Config) -> ConfigModifier.Config:
+    """The modifier that gives every attention `kernel`."""
+    return AttentionKernelModifier.default_config().set(kernel=kernel)
+
+
 def default_mesh_rules() -> list[MeshRule]:
-    """The rules every experiment starts with: FSDP within a host or slice, data parallel across slices."""
+    """The rules every experiment starts with: FSDP within a host or slice, data parallel across slices; cuDNN flash
+    attention on GPUs, splash attention on TPUs (each falls back to XLA where it cannot run, e.g. decoding)."""
+    cudnn = [attention_kernel(CudnnKernel.default_config())]
+    splash = [attention_kernel(SplashKernel.default_config())]
     return [
         MeshRule(pattern="cpu", mesh_shape={"fsdp": -1}),
-        MeshRule(pattern="gpu-.*", mesh_shape={"fsdp": -1}),
-        MeshRule(pattern="tpu-v5e-.*|tpu-v6e-.*", mesh_shape={"fsdp": -1, "model": 1}),
-        MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1}),
+        MeshRule(pattern="gpu-.*", mesh_shape={"fsdp": -1}, modifiers=cudnn),
+        MeshRule(pattern="tpu-v5e-.*|tpu-v6e-.*", mesh_shape={"fsdp": -1, "model": 1}, modifiers=splash),
+        MeshRule(pattern="tpu-.*", mesh_shape={"fsdp": -1}, modifiers=splash),
     ]
 
 

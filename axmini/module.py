@@ -310,6 +310,11 @@ def sharding_context(mesh: Mesh, rules: LogicalAxisRules) -> Iterator[None]:
         _SHARDING_CONTEXT.reset(token)
 
 
+def current_sharding_context() -> tuple[Mesh, LogicalAxisRules] | None:
+    """The (mesh, rules) of the enclosing `sharding_context`, or None outside one."""
+    return _SHARDING_CONTEXT.get()
+
+
 def shard_activation(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """A sharding hint for an activation with logical `axes` (e.g. batch, length, embed); no-op outside
     a `sharding_context`."""

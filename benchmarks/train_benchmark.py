@@ -1,14 +1,17 @@
 """Train-step speed: the axmini Trainer against a hand-written jax + optax loop of the identical model.
 
-For each experiment (the default `tiny`, and `llama_100m`, ~100M parameters, at a CPU-sized batch) it builds the
-Trainer on one device, and a plain loop over the same model: nnx.split once, a jitted
-`value_and_grad -> optax (clip + AdamW with the same mask and schedule) -> apply_updates` step with donated
-buffers, fetching the loss every step as the trainer does with its metrics. Both get the same batches (synthetic
-tokens, already in memory, so input speed is not measured) and start from the same parameters, and their step
-times are measured alternately, in rounds, so that load from other processes hits both alike. The table gives
-median step times, tokens/s and the ratio trainer / plain (goal: within 5%); the first losses must agree.
+Cases: `tiny` (the README's experiment, 2 layers, width 128, vocab 2k, batch 16 x 128) and `mid` (4 layers, width
+256, vocab 32k, batch 8 x 256). For each it builds the Trainer on one device, and a plain loop doing the same work:
+the same model and loss (nnx.merge + Decoder.__call__; the metrics it drops are dead code to XLA), the same optax
+chain (global-norm clipping + AdamW with the same weight-decay mask and schedule), a jitted
+`value_and_grad -> tx.update -> apply_updates` step with donated buffers, fetching the loss every step as the
+trainer fetches its metrics. Both get the same batches (synthetic tokens, already in memory, so input speed is not
+measured), start from the same parameters, and are timed alternately, step by step, so that load from other
+processes hits both alike; the load average is recorded, and the ratio of CPU times is reported beside the wall-time
+ratio. Side by side: median step times, the ratio trainer / plain (goal
+<= 1.02), and XLA's cost analysis of both compiled steps (FLOPs, bytes accessed); the losses must agree.
 
-    python benchmarks/train_benchmark.py [--steps 20] [--rounds 3] [--out benchmarks/results/train.json]
+    python benchmarks/train_benchmark.py [--steps 20] [--rounds 5] [--out benchmarks/results/train.json]
 """
 
 from __future__ import annotations
@@ -30,22 +33,35 @@ import numpy as np
 import optax
 
 from axmini import experiments
+from axmini.experiments.decoders import DecoderShape, decoder_config
 from axmini.trainer.finalize import finalize
 from axmini.trainer.input import SyntheticInput
 from axmini.trainer.trainer import Trainer
 
-# experiment -> (global batch, sequence length) used here; None keeps the experiment's own.
-CASES: dict[str, tuple[int, int] | None] = {"tiny": None, "llama_100m": (2, 256)}
+# case -> (model shape, global batch, sequence length); a shape of None keeps the `tiny` experiment's model.
+CASES: dict[str, tuple[DecoderShape | None, int, int]] = {
+    "tiny": (None, 16, 128),
+    "mid": (DecoderShape(32000, 256, 4, 4, 4, 704, tied_embeddings=True), 8, 256),
+}
 
 
-def trainer_config(name: str, shape: tuple[int, int] | None, tmp: str) -> Trainer.Config:
-    cfg = experiments.get(name).set(dir=tmp, progress_bar=False)
-    batch, length = shape or (cfg.input.global_batch_size, cfg.input.sequence_length)
+def trainer_config(name: str, tmp: str) -> Trainer.Config:
+    shape, batch, length = CASES[name]
+    cfg = experiments.get("tiny").set(dir=tmp, progress_bar=False)
+    if shape is not None:
+        cfg.model = decoder_config(shape)
     cfg.input = SyntheticInput.default_config().set(
         vocab_size=cfg.model.vocab_size, global_batch_size=batch, sequence_length=length
     )
     cfg.evaluator.input = None
     return finalize(cfg)
+
+
+def cost(compiled: Any) -> dict[str, float]:
+    """XLA's cost analysis of a compiled step: FLOPs and bytes accessed."""
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return {"flops": analysis["flops"], "bytes_accessed": analysis["bytes accessed"]}
 
 
 def plain_step_fn(trainer: Trainer, graphdef: Any, rest: Any) -> Any:
@@ -67,9 +83,9 @@ def plain_step_fn(trainer: Trainer, graphdef: Any, rest: Any) -> Any:
     return tx, jax.jit(step, donate_argnums=(0, 1))
 
 
-def bench(name: str, shape: tuple[int, int] | None, steps: int, rounds: int) -> dict[str, Any]:
+def bench(name: str, steps: int, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = trainer_config(name, shape, tmp).instantiate(devices=jax.devices()[:1])
+        trainer = trainer_config(name, tmp).instantiate(devices=jax.devices()[:1])
         batches = [trainer.global_batch(b) for b, _ in zip(trainer.input.batches(0), range(steps))]
 
         t0 = time.perf_counter()
@@ -82,24 +98,29 @@ def bench(name: str, shape: tuple[int, int] | None, steps: int, rounds: int) -> 
         t0 = time.perf_counter()
         tx, plain_step = plain_step_fn(trainer, graphdef, rest)
         opt_state = tx.init(params)
-        plain_step.lower(params, opt_state, batches[0]).compile()
+        plain_compiled = plain_step.lower(params, opt_state, batches[0]).compile()
         plain_compile = time.perf_counter() - t0
+        load = [os.getloadavg()[0]]
 
         trainer_times: list[float] = []
         plain_times: list[float] = []
         trainer_losses: list[float] = []
         plain_losses: list[float] = []
-        for _ in range(rounds):
+        trainer_cpu: list[float] = []
+        plain_cpu: list[float] = []
+        for _ in range(rounds):  # Steps alternate one by one, so that both meet the same load.
             for batch in batches:
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 state, metrics = trainer.train_step(state, batch)
                 trainer_losses.append(float(jax.device_get(metrics)["loss"]))
                 trainer_times.append(time.perf_counter() - t)
-            for batch in batches:
-                t = time.perf_counter()
+                trainer_cpu.append(time.process_time() - c)
+                t, c = time.perf_counter(), time.process_time()
                 params, opt_state, loss = plain_step(params, opt_state, batch)
                 plain_losses.append(float(loss))
                 plain_times.append(time.perf_counter() - t)
+                plain_cpu.append(time.process_time() - c)
+            load.append(os.getloadavg()[0])
         batch_size, length = batches[0]["input_ids"].shape
         trainer_s, plain_s = statistics.median(trainer_times), statistics.median(plain_times)
         return {
@@ -114,6 +135,11 @@ def bench(name: str, shape: tuple[int, int] | None, steps: int, rounds: int) -> 
             "trainer_tokens_per_s": batch_size * length / trainer_s,
             "plain_tokens_per_s": batch_size * length / plain_s,
             "ratio": trainer_s / plain_s,
+            # CPU time of this process (all its threads) per step: less sensitive to other processes' load.
+            "ratio_cpu_time": statistics.median(trainer_cpu) / statistics.median(plain_cpu),
+            "trainer_cost": cost(trainer.compiled_train_step()),
+            "plain_cost": cost(plain_compiled),
+            "load_average_1min": load,
             "first_loss_trainer": trainer_losses[0],
             "first_loss_plain": plain_losses[0],
             "losses_agree": bool(np.allclose(trainer_losses[:steps], plain_losses[:steps], rtol=1e-4, atol=1e-5)),
@@ -123,26 +149,28 @@ def bench(name: str, shape: tuple[int, int] | None, steps: int, rounds: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="steps per round for each loop")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES), help="comma-separated experiment names")
     parser.add_argument("--out", default="benchmarks/results/train.json")
     args = parser.parse_args()
 
     rows = []
     for name in args.cases.split(","):
-        steps = args.steps if CASES.get(name) is None else max(2, args.steps // 5)
-        rows.append(bench(name, CASES.get(name), steps, args.rounds))
+        rows.append(bench(name, args.steps, args.rounds))
         r = rows[-1]
         print(f"{name}: trainer {r['trainer_step_s'] * 1e3:.1f} ms, plain {r['plain_step_s'] * 1e3:.1f} ms", flush=True)
 
-    header = f"{'experiment':<12}{'params':>12}{'tokens/step':>13}{'trainer ms':>12}{'plain ms':>10}"
-    header += f"{'trainer tok/s':>15}{'plain tok/s':>13}{'ratio':>8}  losses agree"
+    header = f"{'case':<6}{'params':>12}{'tokens/step':>13}{'trainer ms':>12}{'plain ms':>10}{'ratio':>8}{'CPU':>7}"
+    header += f"{'FLOPs ratio':>13}{'bytes ratio':>13}{'load':>12}  losses agree"
     print(header)
     for r in rows:
+        flops = r["trainer_cost"]["flops"] / r["plain_cost"]["flops"]
+        bytes_ = r["trainer_cost"]["bytes_accessed"] / r["plain_cost"]["bytes_accessed"]
+        load = f"{min(r['load_average_1min']):.1f}-{max(r['load_average_1min']):.1f}"
         print(
-            f"{r['experiment']:<12}{r['params']:>12,}{r['batch'] * r['length']:>13,}{r['trainer_step_s'] * 1e3:>12.1f}"
-            f"{r['plain_step_s'] * 1e3:>10.1f}{r['trainer_tokens_per_s']:>15,.0f}{r['plain_tokens_per_s']:>13,.0f}"
-            f"{r['ratio']:>8.3f}  {r['losses_agree']}"
+            f"{r['experiment']:<6}{r['params']:>12,}{r['batch'] * r['length']:>13,}{r['trainer_step_s'] * 1e3:>12.1f}"
+            f"{r['plain_step_s'] * 1e3:>10.1f}{r['ratio']:>8.3f}{r['ratio_cpu_time']:>7.3f}{flops:>13.4f}"
+            f"{bytes_:>13.4f}{load:>12}  {r['losses_agree']}"
         )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

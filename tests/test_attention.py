@@ -12,12 +12,12 @@ from axmini.config import ConfigBase
 from axmini.layers.attention import (
     KV,
     Attention,
-    AttentionKernel,
     FusedQKVProjection,
     QKVProjection,
     QueryOnlyProjection,
     SlidingWindowModifier,
 )
+from axmini.layers.kernels import ReferenceKernel, XLAKernel
 from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPEModifier
 from axmini.module import Layer, build_sharded, param_infos, sharding_context
@@ -120,7 +120,7 @@ def test_attention_matches_numpy_reference(fields, segments, check):
 @pytest.mark.parametrize("fields", [dict(num_kv_heads=2), dict(num_kv_heads=1, sliding_window=3)])
 def test_xla_kernel_matches_reference_kernel(fields):
     reference = build(with_rope(attention_config(**fields)))
-    xla = build(with_rope(attention_config(kernel=AttentionKernel.XLA, **fields)))
+    xla = build(with_rope(attention_config(kernel=XLAKernel.default_config(), **fields)))
     x, segment_ids, positions = random_x(), PACKED, PACKED_POSITIONS
     want = run(reference, x, positions=positions, segment_ids=segment_ids).output
     got = run(xla, x, positions=positions, segment_ids=segment_ids).output
@@ -131,7 +131,7 @@ def test_xla_kernel_with_softcap_falls_back_to_reference():
     fields = dict(logit_softcap=1.0, num_kv_heads=2)
     x, positions = random_x(), arange_positions(2, 7)
     want = build(attention_config(**fields))(x, positions=positions).output
-    got = build(attention_config(kernel=AttentionKernel.XLA, **fields))(x, positions=positions).output
+    got = build(attention_config(kernel=XLAKernel.default_config(), **fields))(x, positions=positions).output
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
@@ -160,7 +160,7 @@ def test_padding_is_never_attended():
     np.testing.assert_array_equal(np.asarray(out)[~real], 0.0)
 
 
-@pytest.mark.parametrize("kernel", list(AttentionKernel))
+@pytest.mark.parametrize("kernel", [ReferenceKernel.default_config(), XLAKernel.default_config()])
 def test_gradients_are_finite_with_fully_masked_padding_rows(kernel):
     layer = build(attention_config(num_kv_heads=2, kernel=kernel))
     graphdef, state = nnx.split(layer)
@@ -209,7 +209,7 @@ def decode(layer, x, prompt_length, max_length):
     return np.concatenate(outputs, axis=1), caches
 
 
-WINDOW_3 = dict(num_kv_heads=1, sliding_window=3, kernel=AttentionKernel.XLA)
+WINDOW_3 = dict(num_kv_heads=1, sliding_window=3, kernel=XLAKernel.default_config())
 
 
 @pytest.mark.parametrize(

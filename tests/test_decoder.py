@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from axmini.config import ConfigValueError
-from axmini.layers.decoder import Decoder
+from axmini.config import ConfigValueError, find_configs
+from axmini.layers.decoder import Decoder, MixedPrecisionModifier
 from axmini.layers.linear import Linear
 from axmini.layers.moe import ExpertChoiceGating, MoE, MoEModifier, TopKGating
 from axmini.layers.position import RoPEModifier
 from axmini.layers.transformer import RepeatedStack
-from axmini.module import build_abstract, build_sharded, sharding_context
+from axmini.module import Layer, build_abstract, build_sharded, param_infos, sharding_context
 
 VOCAB, DIM, HEADS, KV_HEADS, HIDDEN, THETA = 40, 16, 4, 2, 32, 100.0
 
@@ -287,3 +287,33 @@ def test_expert_choice_routing_is_refused_in_a_causal_decoder():
         build_abstract(cfg)
     token_choice = moe.clone(gating=TopKGating.default_config())
     build_abstract(MoEModifier.default_config().set(moe=token_choice).instantiate()(_config()))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Mixed precision.
+
+
+def _mixed(param_dtype, compute_dtype, output_dtype):
+    modifier = MixedPrecisionModifier.default_config().set(
+        param_dtype=param_dtype, compute_dtype=compute_dtype, output_dtype=output_dtype
+    )
+    return modifier.instantiate()(_config(tied=False))
+
+
+def test_mixed_precision_modifier_sets_every_layer_and_the_decoder():
+    cfg = _mixed(jnp.bfloat16, jnp.bfloat16, jnp.bfloat16)
+    assert {layer.param_dtype for _, layer in find_configs(cfg, Layer.matches)} == {jnp.bfloat16}
+    assert (cfg.dtype, cfg.output_dtype) == (jnp.bfloat16, jnp.bfloat16)
+    assert {info.dtype for info in param_infos(build_abstract(cfg))} == {"bfloat16"}
+
+
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16])
+def test_bfloat16_compute_keeps_float32_loss_close_to_float32(param_dtype):
+    reference = _config(tied=False).instantiate(rngs=nnx.Rngs(0))
+    mixed = build_abstract(_mixed(param_dtype, jnp.bfloat16, jnp.bfloat16))
+    nnx.update(mixed, jax.tree.map(lambda a: a.astype(param_dtype), nnx.state(reference)))
+    batch = _batch()
+    logits = _forward(mixed, batch["input_ids"])
+    (loss, metrics), (want, _) = _loss(mixed, batch), _loss(reference, batch)
+    assert logits.dtype == jnp.bfloat16 and loss.dtype == metrics["cross_entropy"].dtype == jnp.float32
+    np.testing.assert_allclose(loss, want, rtol=2e-2, atol=2e-2)

@@ -16,7 +16,7 @@ from transformers.masking_utils import causal_mask_function, sliding_window_over
 from axmini.decoding import generate
 from axmini.interop import ConversionError, export_hf, hf_model_config, import_hf
 from axmini.interop.safetensors import INDEX_FILE, TensorIndex, TensorSpec, write_safetensors
-from axmini.layers.attention import attention_mask
+from axmini.layers.kernels import AttentionMask
 from axmini.mesh_rules import default_mesh_rules, make_mesh, select_mesh_rule
 from axmini.module import build_abstract
 
@@ -63,7 +63,7 @@ def test_sliding_window_maps_to_the_same_keys_as_transformers(hf_dirs, query):
     hf_keys = [j for j in range(query + 3) if causal_mask_function(0, 0, query, j) and hf_window(0, 0, query, j)]
     _, cfg = hf_model_config(hf_dirs["mistral"][0])
     window = cfg.stack.layer.self_attention.sliding_window
-    mask = attention_mask(np.array([[query]]), np.arange(query + 3)[None], sliding_window=window)
+    mask = AttentionMask(np.array([[query]]), np.arange(query + 3)[None], sliding_window=window).dense()
     assert list(np.flatnonzero(np.asarray(mask)[0, 0])) == hf_keys
     assert len(hf_keys) == min(query + 1, WINDOW)
 

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from axmini.config import ConfigValueError, find_configs
-from axmini.layers.attention import Attention, AttentionKernel, FusedQKVProjection, QKVProjection, reference_attention
+from axmini.layers.attention import Attention, FusedQKVProjection, QKVProjection
 from axmini.layers.decoder import Decoder
 from axmini.layers.embedding import Embedding
+from axmini.layers.kernels import ReferenceKernel, XLAKernel, reference_attention
 from axmini.layers.linear_attention import FeatureMap
 from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPELayout, RoPEModifier, RoPEProjection, apply_rope
@@ -99,7 +100,7 @@ def _np_attention(q, k, v, scale):
     return out
 
 
-@pytest.mark.parametrize("kernel", list(AttentionKernel))
+@pytest.mark.parametrize("kernel", [ReferenceKernel.default_config(), XLAKernel.default_config()], ids=["ref", "xla"])
 def test_query_scale_replaces_inverse_sqrt_head_dim(kernel):
     q, k, v = _normal(2, 5, 2, 8), _normal(2, 5, 2, 8), _normal(2, 5, 2, 8)
     mask = np.broadcast_to(np.tril(np.ones((5, 5), bool)), (2, 5, 5))

@@ -102,6 +102,7 @@ def test_clipping_bounds_the_global_norm():
     learner = (
         Learner.default_config()
         .set(max_step=10, learning_rate=1.0, max_grad_norm=2.0, optimizer=config_for_function(optax.sgd))
+        .set(update_norm_summary=True)
         .instantiate()
     )
     grads = jax.tree.map(lambda x: jnp.full_like(x, 3.0), p)
@@ -112,6 +113,13 @@ def test_clipping_bounds_the_global_norm():
     assert float(out.summaries["grad_norm"]) == pytest.approx(grad_norm, rel=1e-5, abs=1e-7)
     assert float(out.summaries["update_norm"]) == pytest.approx(2.0, rel=1e-5, abs=1e-7)
     assert float(out.summaries["learning_rate"]) == 1.0
+
+
+def test_update_norm_is_summarized_only_when_asked():
+    p = params()
+    learner = Learner.default_config().set(max_step=10).instantiate()
+    out = jax.jit(learner.update)(p, learner.init(p), p, jnp.int32(0))
+    assert set(out.summaries) == {"learning_rate", "grad_norm"}
 
 
 @pytest.mark.parametrize(

@@ -72,9 +72,10 @@ def test_afm_on_device_shares_kv_35_plus_21(abstract_models):
 def test_afm_global_local_is_three_local_one_global_with_a_global_kv_provider(abstract_models):
     assert isinstance(afm_on_device_global_local().stack, PatternStack.Config)
     stack = abstract_models["afm_on_device_global_local"].stack
-    windows = [layer.self_attention.config.sliding_window for layer in stack.layers]
+    windows = [layer.self_attention.sliding_window for layer in stack.layer_configs()]
     assert windows == [4096, 4096, 4096, None] * 14
     assert windows[stack.num_kv_layers - 1] is None
+    assert stack.repeats == (9, 5)  # 36 + 20 layers: the pattern scanned 9 times, then 5 times as KV consumers.
 
 
 def test_unknown_llama_size_is_refused():

@@ -1,4 +1,5 @@
-"""MoE layer: gating, capacity, both dispatch paths against a per-token loop, aux losses, sharding."""
+"""MoE layer: gating, capacity, every dispatch path against a per-token loop, weight transforms, aux losses,
+sharding."""
 
 import math
 
@@ -21,6 +22,8 @@ from axmini.layers.moe import (
     TopKGating,
 )
 from axmini.layers.transformer import GlobalLocalModifier, PatternStack, RepeatedStack, TransformerLayer
+from axmini.layers.weight_transform import transformed_weights
+from axmini.lora import LoRA
 from axmini.mesh_rules import DEFAULT_LOGICAL_AXIS_RULES
 from axmini.module import build_abstract, build_sharded, capture_aux, sharding_context
 
@@ -168,6 +171,16 @@ def test_dispatch_paths_match_per_token_reference_outputs_and_gradients(name):
             np.testing.assert_allclose(grads[key], g_params[key], rtol=1e-4, atol=1e-5, err_msg=f"{dispatch} {key}")
 
 
+def test_dispatch_paths_give_the_same_summaries():
+    gating = TopKGating.default_config().set(top_k=2, train_capacity_factor=0.75)  # Some pairs dropped.
+    x = jax.random.normal(jax.random.key(1), (2, 8, D))
+    results = [captured(moe_config(gating, dispatch=d).instantiate(rngs=nnx.Rngs(0)), x) for d in MoEDispatch]
+    for result in results[1:]:
+        assert set(result.summaries) == set(results[0].summaries)
+        for name, value in result.summaries.items():
+            np.testing.assert_allclose(value, results[0].summaries[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("dispatch", list(MoEDispatch))
 @pytest.mark.parametrize("activation", [FeedForwardActivation.SWIGLU, FeedForwardActivation.GELU])
 def test_one_expert_top1_dropless_equals_dense_ffn(dispatch, activation):
@@ -185,6 +198,34 @@ def test_one_expert_top1_dropless_equals_dense_ffn(dispatch, activation):
     else:
         dense = gelu(x @ p["wi"][0]) @ p["wo"][0]
     np.testing.assert_allclose(np.asarray(nnx.jit(call)(model, jnp.asarray(x))), dense, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("error::FutureWarning")  # jax warns before it refuses a float32 -> bfloat16 scatter.
+@pytest.mark.parametrize("dispatch", list(MoEDispatch))
+def test_every_dispatch_runs_in_bfloat16_without_an_implicit_downcast(dispatch):
+    model = moe_config(dispatch=dispatch).set(param_dtype=jnp.bfloat16).instantiate(rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 5, D), jnp.bfloat16)
+    y = nnx.jit(call)(model, x)
+    assert y.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(y)))
+
+
+@pytest.mark.parametrize("dispatch", list(MoEDispatch))
+def test_every_dispatch_computes_with_the_weight_transformed_experts(dispatch):
+    """LoRA on the experts (adapters made nonzero): each dispatch path equals the same MoE without a transform whose
+    expert weights are the transformed ones (the router is not a transformed weight)."""
+    cfg = moe_config(dispatch=dispatch).set(weight_transform=LoRA.default_config().set(rank=2))
+    model = cfg.instantiate(rngs=nnx.Rngs(0))
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if path[-1] == "b":  # B starts at zero: the adapter would be a no-op.
+            variable.set_value(0.1 * jax.random.normal(jax.random.key(len(path)), variable.get_value().shape))
+    plain = moe_config(dispatch=dispatch).instantiate(rngs=nnx.Rngs(0))
+    plain.router.set_value(model.router[...])
+    for transformed in transformed_weights(model):
+        assert not np.allclose(transformed.value(), transformed.weight[...], rtol=1e-3, atol=1e-3)
+        getattr(plain, transformed.name).set_value(transformed.value())
+    x = jax.random.normal(jax.random.key(1), (2, 5, D))
+    got, want = nnx.jit(call)(model, x), nnx.jit(call)(plain, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,7 +414,7 @@ def test_sharded_over_expert_and_fsdp_matches_single_device(dispatch):
     np.testing.assert_allclose(np.asarray(gx), gx_ref, rtol=1e-4, atol=1e-5)
     for path, v in nnx.to_flat_state(grad_state):
         np.testing.assert_allclose(np.asarray(v.get_value()), grads_ref[str(path[0])], rtol=1e-4, atol=1e-5)
-    if dispatch is MoEDispatch.EINSUM:
+    if dispatch is not MoEDispatch.GROUPED:  # Capacity-padded buffers move to the expert axis by all-to-all.
         assert "all-to-all" in hlo
 
 
@@ -437,7 +478,10 @@ def test_modifier_every_other_layer_gives_a_dense_moe_pattern():
     assert isinstance(cfg.stack, PatternStack.Config) and cfg.stack.num_layers == 4
     assert [type(c.feed_forward) for c in cfg.stack.pattern] == [FeedForward.Config, MoE.Config]
     model = build_abstract(cfg)
-    assert [type(layer.feed_forward).__name__ for layer in model.stack.layers] == ["FeedForward", "MoE"] * 2
+    assert [c.feed_forward.klass for c in model.stack.layer_configs()] == [FeedForward, MoE] * 2
+    group = model.stack.groups["0"]  # The pattern [dense, MoE], scanned twice.
+    assert [type(group.layers[str(i)].feed_forward).__name__ for i in range(2)] == ["FeedForward", "MoE"]
+    assert group.layers["1"].feed_forward.wi_0.get_value().shape == (2, E, D, F)
 
 
 def test_modifier_every_other_layer_tiles_an_existing_local_global_pattern():
@@ -460,6 +504,6 @@ def test_aux_losses_reach_the_decoder_at_their_exact_paths(every):
     losses = nnx.jit(lambda m, b: capture_aux(lambda m, b: m(b), m, b).losses)(
         model, {"input_ids": ids, "target_ids": ids}
     )
-    prefix = "stack/layers/feed_forward" if every == 1 else "stack/layers/1/feed_forward"
+    prefix = "stack/layers/feed_forward" if every == 1 else "stack/groups/0/layers/1/feed_forward"
     assert set(losses) == {f"{prefix}/load_balance_loss", f"{prefix}/router_z_loss"}
     assert all(float(v) > 0 for v in losses.values())

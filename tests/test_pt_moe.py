@@ -76,8 +76,9 @@ def test_one_track_equals_a_plain_stack_of_all_its_layers(reduction):
     plain = plain.instantiate(rngs=nnx.Rngs(1))
     state = nnx.state(plain, nnx.Param)
     source = flat_params(model)
-    for (_, index, *rest), variable in nnx.to_flat_state(state):  # layers/i/... <- blocks/(i // 2)/layers/(i % 2)/...
-        variable.set_value(source[("blocks", index // 2, "layers", index % 2, *rest)][0])
+    # The plain stack scans its pattern [dense, MoE] twice; block b of the track model holds repeat b (once).
+    for path, variable in nnx.to_flat_state(state):
+        variable.set_value(jnp.stack([source[("blocks", b, *path)][0, 0] for b in range(2)]))
     nnx.update(plain, state)
     x, positions = inputs()
     np.testing.assert_allclose(run(model, x, positions).output, run(plain, x, positions).output, rtol=1e-5, atol=1e-5)
@@ -104,11 +105,16 @@ def test_tracks_meet_only_at_block_boundaries():
     assert (
         set(result.losses)
         == set(expected_losses)
-        == {f"blocks/{b}/layers/1/feed_forward/{n}" for b in range(2) for n in ("load_balance_loss", "router_z_loss")}
+        == {
+            f"blocks/{b}/groups/0/layers/1/feed_forward/{n}"
+            for b in range(2)
+            for n in ("load_balance_loss", "router_z_loss")
+        }
     )
     for key, value in expected_losses.items():
         np.testing.assert_allclose(float(result.losses[key]), value, rtol=1e-5, atol=1e-7)
-    assert result.summaries["blocks/0/layers/1/feed_forward/expert_load"].shape == (3, E)  # Stacked over tracks.
+    # Stacked over tracks and over the block's repeats of its pattern (one here).
+    assert result.summaries["blocks/0/groups/0/layers/1/feed_forward/expert_load"].shape == (3, 1, E)
 
 
 def collectives(hlo: str) -> dict[str, int]:
@@ -124,7 +130,7 @@ def test_sharded_over_tracks_communicates_once_per_block_and_matches_one_device(
     x, positions = inputs()
     expected = run(cfg.instantiate(rngs=nnx.Rngs(0)), x, positions).output
     model = build_sharded(cfg, mesh, rules)
-    assert model.blocks[0].layers[1].feed_forward.wi_0[...].sharding.spec[0] == "track"
+    assert model.blocks[0].groups["0"].layers["1"].feed_forward.wi_0[...].sharding.spec[0] == "track"
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda state, x, p: nnx.merge(graphdef, state)(x, positions=p).x)
     with sharding_context(mesh, rules):
@@ -180,10 +186,12 @@ def test_model_configs_build_with_expected_structure():
     tiny = pt_moe_tiny()
     model = build_abstract(tiny)
     block = model.stack.blocks[0]
-    assert [type(layer.feed_forward).__name__ for layer in block.layers] == ["FeedForward", "MoE"] * 2
-    assert [layer.self_attention.config.sliding_window for layer in block.layers] == [64, 64, 64, None]
-    assert block.layers[1].feed_forward.wi_0.get_value().shape == (2, 4, 64, 128)  # [track, expert, D, F]
-    assert block.layers[1].feed_forward.wi_0.get_metadata()["axes"] == ("track", "expert", "embed", "mlp")
+    layers = [block.groups["0"].layers[str(i)] for i in range(4)]  # The block's 4 layers are one pattern, scanned once.
+    assert [type(layer.feed_forward).__name__ for layer in layers] == ["FeedForward", "MoE"] * 2
+    assert [layer.self_attention.config.sliding_window for layer in layers] == [64, 64, 64, None]
+    wi_0 = layers[1].feed_forward.wi_0
+    assert wi_0.get_value().shape == (2, 1, 4, 64, 128)  # [track, repeat, expert, D, F]
+    assert wi_0.get_metadata()["axes"] == ("track", "layers", "expert", "embed", "mlp")
 
     # Large: per track 24 layers; attention q, o [2048, 2048] and k, v [2048, 256]; 12 dense SwiGLU FFNs
     # and 12 MoE layers of 16 experts (+ a [2048, 16] router); two norm scales per layer; tied embedding.

@@ -270,7 +270,8 @@ def test_tiny_rattention_model_trains_and_decodes():
     cfg = RAttentionModifier.default_config().set(sliding_window=3).instantiate()(tiny_decoder(stack=PatternStack))
     cfg.stack.pattern[0].self_attention.chunk_size = 4
     model = cfg.instantiate(rngs=nnx.Rngs(0))
-    assert all(isinstance(layer.self_attention, RAttention) for layer in model.stack.layers)
+    layers = [module for _, module in nnx.iter_modules(model.stack) if isinstance(module, TransformerLayer)]
+    assert layers and all(isinstance(layer.self_attention, RAttention) for layer in layers)
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
     ids = jax.random.randint(jax.random.key(0), (4, 17), 1, 32)
     batch = {"input_ids": ids[:, :-1], "target_ids": ids[:, 1:]}
@@ -291,7 +292,8 @@ def test_tiny_rattention_model_trains_and_decodes():
         out = step(model, ids[:1, t : t + 1], jnp.full((1, 1), t), cache)
         cache, decoded = out.cache, [*decoded, out.logits]
     np.testing.assert_allclose(np.concatenate(decoded, 1), logits, rtol=1e-4, atol=1e-4)
-    assert all(isinstance(c, RAttentionCache) and isinstance(c.window, KVCache) for c in cache)
+    layer_caches = [c for group in cache for c in group]  # Per scanned group, its layers' caches.
+    assert layer_caches and all(isinstance(c, RAttentionCache) and isinstance(c.window, KVCache) for c in layer_caches)
 
 
 def test_local_global_layout_and_variant():

@@ -180,6 +180,7 @@ def test_evaluation_and_summaries(tmp_path):
     eval_input = SyntheticInput.default_config().set(vocab_size=64, global_batch_size=8, sequence_length=16, seed=7)
     cfg = decoder_trainer(tmp_path, 2, mesh_selector="gpu-h100-8")  # Known peak FLOP/s: MFU is logged.
     cfg.evaluator.set(input=eval_input, num_batches=2, every_n_steps=2)
+    cfg.learner.update_norm_summary = True
     trainer = build(cfg)
     result = trainer.run()
 

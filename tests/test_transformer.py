@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from axmini.config import REQUIRED, ConfigValueError, Required
+from axmini.config import REQUIRED, ConfigBase, ConfigValueError, Required
 from axmini.layers.attention import Attention, QueryOnlyProjection
 from axmini.layers.norm import RMSNorm
 from axmini.layers.position import RoPEModifier, RoPEProjection
@@ -14,11 +14,15 @@ from axmini.layers.transformer import (
     GlobalLocalModifier,
     KVSharingModifier,
     PatternStack,
+    RematModifier,
     RematPolicy,
     RepeatedStack,
     TransformerLayer,
 )
+from axmini.layers.weight_transform import transformed_weights, without_weight_transforms
+from axmini.lora import LoRAModifier
 from axmini.module import Layer, build_abstract, capture_aux, param_infos
+from axmini.qat import QATModifier
 
 DIM, B, T = 16, 2, 9
 
@@ -52,11 +56,21 @@ def _global_local(num_layers=4, kv_sharing=None):
     )
 
 
+def _split_mid_pattern():
+    """L G G L | L G : G L (8 layers, KV split 3:1): the first block ends two layers into the second repeat, on a
+    global provider; the groups are L G G L (x1), L G (x1) and the consumers G L (x1)."""
+    local, global_ = _layer(window=3), _layer()
+    return PatternStack.default_config().set(
+        input_dim=DIM, num_layers=8, kv_sharing=(3, 1), pattern=[local, global_, global_, local]
+    )
+
+
 STACKS = {
     "repeated_full": lambda: _repeated(),
     "repeated_sliding_window": lambda: _repeated().set(layer=_layer(window=3)),
     "repeated_kv_shared": lambda: _repeated(kv_sharing=(1, 1)),
     "pattern_global_local_kv_shared": lambda: _global_local(kv_sharing=(1, 1)),
+    "pattern_kv_split_mid_pattern": _split_mid_pattern,
 }
 
 
@@ -95,6 +109,108 @@ def test_scanned_stack_matches_layers_applied_in_turn():
     np.testing.assert_allclose(_run(stack, x, positions).x, expected, rtol=1e-5, atol=1e-5)
 
 
+def _unscanned_layers(stack: PatternStack) -> list[TransformerLayer]:
+    """Every layer of a scanned PatternStack as its own module, in order, holding its slice of the stacked parameters
+    (sliced under tracing too, so gradients reach the stacked parameters)."""
+    layers = []
+    groups = [stack.groups[str(g)] for g in range(len(stack.repeats))]
+    for group, repeats in zip(groups, stack.repeats):
+        for r in range(repeats):
+            for layer in (group.layers[str(i)] for i in range(len(group.config.layers))):
+                graphdef, state = nnx.split(layer)
+                layers.append(nnx.merge(graphdef, jax.tree.map(lambda a, r=r: a[r], state)))
+    return layers
+
+
+def _unscanned_forward(stack: PatternStack, x, positions):
+    """The unscanned stack: layers applied in turn, second-block layers reading the last first-block layer's k/v."""
+    kv = None
+    for i, layer in enumerate(_unscanned_layers(stack)):
+        out = layer(x, positions=positions, shared_kv=kv if i >= stack.num_kv_layers else None)
+        x, kv = out.x, out.kv if i < stack.num_kv_layers else kv
+    return x
+
+
+@pytest.mark.parametrize("name", ["pattern_global_local_kv_shared", "pattern_kv_split_mid_pattern"])
+def test_scanned_pattern_stack_matches_unscanned_forward_and_gradients(name):
+    stack = STACKS[name]().instantiate(rngs=nnx.Rngs(0))
+    x, positions = _inputs()
+
+    def loss(stack, forward):
+        return jnp.sum(forward(stack) ** 2)
+
+    scanned = nnx.jit(nnx.value_and_grad(lambda m: loss(m, lambda s: s(x, positions=positions).x)))
+    unscanned = nnx.jit(nnx.value_and_grad(lambda m: loss(m, lambda s: _unscanned_forward(s, x, positions))))
+    (want, want_grads), (got, got_grads) = unscanned(stack), scanned(stack)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got_grads, want_grads)
+    assert len(jax.tree.leaves(got_grads)) > 20  # Every group's parameters got a gradient.
+
+
+@pytest.mark.parametrize("name", ["pattern_global_local_kv_shared", "pattern_kv_split_mid_pattern"])
+def test_layer_location_points_at_each_layers_parameters(name):
+    cfg = STACKS[name]()
+    stack = cfg.instantiate(rngs=nnx.Rngs(0))
+    params = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(stack, nnx.Param))}
+    layers = _unscanned_layers(stack)
+    assert len(layers) == cfg.num_layers
+    for i, layer in enumerate(layers):
+        prefix, repeat = PatternStack.layer_location(cfg, i)
+        for path, variable in nnx.to_flat_state(nnx.state(layer, nnx.Param)):
+            stacked = params[f"{prefix}/{'/'.join(map(str, path))}"]
+            np.testing.assert_array_equal(stacked[repeat], variable.get_value())
+    with pytest.raises(IndexError, match="has no layer 8"):
+        PatternStack.layer_location(cfg, 8)
+
+
+def test_repeated_stack_layer_location_splits_the_kv_sharing_blocks():
+    cfg = STACKS["repeated_kv_shared"]()
+    locations = [RepeatedStack.layer_location(cfg, i) for i in range(4)]
+    assert locations == [("layers", 0), ("layers", 1), ("shared_kv_layers", 0), ("shared_kv_layers", 1)]
+
+
+@pytest.mark.parametrize("transform", ["lora", "qat"])
+def test_weight_transforms_reach_every_layer_of_a_scanned_pattern_stack(transform):
+    """LoRA (adapters made nonzero) and QAT on L G L G (one group scanned twice): the stack
+    computes what a plain stack does with every transformed weight in place of its weight, the unscanned layers
+    agree, and every adapter gets a gradient through the scan."""
+    modifier = LoRAModifier.default_config().set(rank=2) if transform == "lora" else QATModifier.default_config()
+    cfg = modifier.instantiate()(_global_local(num_layers=4))
+    stack = cfg.instantiate(rngs=nnx.Rngs(0))
+    assert stack.repeats == (2,)
+    for path, variable in nnx.to_flat_state(nnx.state(stack, nnx.Param)):
+        if str(path[-2]).endswith("_lora") and path[-1] == "b":  # B starts at zero: the adapter would be a no-op.
+            variable.set_value(0.01 * jax.random.normal(jax.random.key(len(path)), variable.get_value().shape))
+    transformed = {f"{t.path}/{t.name}": t.value() for t in transformed_weights(stack)}
+    weights = {f"{t.path}/{t.name}": t.weight[...] for t in transformed_weights(stack)}
+    assert not any(np.allclose(transformed[k], weights[k], rtol=1e-4, atol=1e-6) for k in weights)  # Not identities.
+    assert len(transformed) == 2 * 7  # Per group layer: q, k, v, o, wi_0, wi_1, wo.
+    plain = build_abstract(without_weight_transforms(cfg))
+    plain_params = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(stack, nnx.Param))}
+    state = nnx.state(plain, nnx.Param)
+    for path, variable in nnx.to_flat_state(state):
+        key = "/".join(map(str, path))
+        variable.set_value(transformed.get(key, plain_params[key].get_value()))
+    nnx.update(plain, state)
+    x, positions = _inputs()
+    got = _run(stack, x, positions).x
+    np.testing.assert_allclose(got, _run(plain, x, positions).x, rtol=1e-5, atol=1e-5)
+
+    def loss(stack, forward):
+        return jnp.sum(forward(stack) ** 2)
+
+    scanned = nnx.jit(nnx.value_and_grad(lambda m: loss(m, lambda s: s(x, positions=positions).x)))
+    unscanned = nnx.jit(nnx.value_and_grad(lambda m: loss(m, lambda s: _unscanned_forward(s, x, positions))))
+    (want, want_grads), (got_loss, got_grads) = unscanned(stack), scanned(stack)
+    np.testing.assert_allclose(got_loss, want, rtol=1e-5, atol=1e-5)
+    # Gradients span orders of magnitude within an array: elements agree to 1e-5 of the array's largest.
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    jax.tree.map(close, got_grads, want_grads)
+    suffix = "_lora" if transform == "lora" else "_qat"
+    own = [g for p, g in nnx.to_flat_state(got_grads) if any(str(n).endswith(suffix) for n in p)]
+    assert own and all(float(jnp.max(jnp.abs(g.get_value()))) > 0 for g in own)
+
+
 def test_stacked_parameters_have_leading_layers_axis():
     stack = _repeated(num_layers=3).instantiate(rngs=nnx.Rngs(0))
     infos = {i.path: i for i in param_infos(stack)}
@@ -115,8 +231,8 @@ def _jaxpr_text(fn, module) -> str:
 @pytest.mark.parametrize(
     ("klass", "policies"),
     [
-        (RepeatedStack, [RematPolicy.FULL, RematPolicy.DOTS_WITH_NO_BATCH_DIMS_SAVEABLE]),
-        (PatternStack, [RematPolicy.DOTS_SAVEABLE]),
+        (RepeatedStack, [RematPolicy.NOTHING_SAVEABLE, RematPolicy.DOTS_WITH_NO_BATCH_DIMS_SAVEABLE]),
+        (PatternStack, [RematPolicy.DOTS_SAVEABLE, RematPolicy.OFFLOAD_DOTS_WITH_NO_BATCH_DIMS]),
     ],
 )
 def test_remat_keeps_outputs_and_gradients(klass, policies):
@@ -150,16 +266,17 @@ def test_global_local_modifier_builds_the_pattern():
     cfg = GlobalLocalModifier.default_config().set(local_layers=3, global_layers=1, sliding_window=5).instantiate()(cfg)
     assert isinstance(cfg, PatternStack.Config)
     stack = build_abstract(cfg)
-    windows = [layer.self_attention.config.sliding_window for layer in stack.layers]
+    windows = [layer.self_attention.sliding_window for layer in stack.layer_configs()]
     assert windows == [5, 5, 5, None, 5, 5, 5, None]
-    has_rope = [isinstance(layer.self_attention.input_linear, RoPEProjection) for layer in stack.layers]
+    has_rope = [RoPEProjection.matches(layer.self_attention.input_linear) for layer in stack.layer_configs()]
     assert has_rope == [True, True, True, False] * 2
+    assert stack.repeats == (2,)  # One group of the four pattern layers, scanned twice.
 
 
 def test_global_local_modifier_can_keep_rope_on_global_layers():
     modifier = GlobalLocalModifier.default_config().set(sliding_window=5, strip_global_rope=False).instantiate()
     stack = build_abstract(modifier(_repeated(num_layers=4)))
-    assert all(isinstance(layer.self_attention.input_linear, RoPEProjection) for layer in stack.layers)
+    assert all(RoPEProjection.matches(layer.self_attention.input_linear) for layer in stack.layer_configs())
 
 
 def test_pattern_stack_tiles_heterogeneous_layers():
@@ -167,7 +284,8 @@ def test_pattern_stack_tiles_heterogeneous_layers():
     wide = _layer().set(feed_forward=dense.feed_forward.clone(hidden_dim=48))
     stack = PatternStack.default_config().set(input_dim=DIM, num_layers=4, pattern=[dense, wide])
     stack = build_abstract(stack)
-    assert [layer.feed_forward.hidden_dim for layer in stack.layers] == [32, 48, 32, 48]
+    assert [layer.feed_forward.hidden_dim for layer in stack.layer_configs()] == [32, 48, 32, 48]
+    assert stack.groups["0"].layers["1"].feed_forward.wi_0.shape == (2, DIM, 48)  # [repeats, D, F]
 
 
 def test_pattern_not_dividing_num_layers_is_refused():
@@ -248,8 +366,8 @@ def test_kv_sharing_cache_holds_first_block_only_and_shrinks_by_split(klass):
     full, shared = build(None).init_cache(B, 12), build((5, 3)).init_cache(B, 12)
     if klass == "repeated":
         assert shared.k.shape[0] == 5 and full.k.shape[0] == 8
-    else:
-        assert len(shared) == 5 and len(full) == 8
+    else:  # One group per block, its cache stacked over repeats.
+        assert shared[0][0].k.shape[0] == 5 and full[0][0].k.shape[0] == 8
     assert _cache_bytes(shared) / _cache_bytes(full) == 5 / 8
 
 
@@ -317,7 +435,7 @@ def _np_pattern_stack(stack, x, positions):
     """PatternStack in numpy: every second-block layer reads the k/v of the LAST first-block layer."""
     x, positions = np.asarray(x, np.float64), np.asarray(positions, np.float64)
     provided = None
-    for i, layer in enumerate(stack.layers):
+    for i, layer in enumerate(_unscanned_layers(stack)):
         consumer = i >= stack.num_kv_layers
         x, kv = _np_layer(layer, x, positions, provided if consumer else None)
         if not consumer:
@@ -338,7 +456,8 @@ PROVIDERS = {
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_pattern_stack_kv_sharing_matches_numpy_reference(provider):
     stack = PROVIDERS[provider]().instantiate(rngs=nnx.Rngs(0))
-    assert stack.num_kv_layers == 2 and all(not layer.self_attention.input_linear.has_kv for layer in stack.layers[2:])
+    layers = _unscanned_layers(stack)
+    assert stack.num_kv_layers == 2 and all(not layer.self_attention.input_linear.has_kv for layer in layers[2:])
     x, positions = _inputs()
     want = _np_pattern_stack(stack, x, positions)
     np.testing.assert_allclose(np.asarray(_run(stack, x, positions).x), want, rtol=1e-4, atol=1e-5)
@@ -354,6 +473,14 @@ def test_kv_sharing_needs_a_qkv_projection_slot():
     cfg.layer.self_attention = _NoQKVAttention.default_config()
     with pytest.raises(ValueError, match="KV sharing needs layers whose attention has a QKV projection slot"):
         build_abstract(cfg)
+
+
+def test_remat_modifier_reaches_every_stack():
+    class Tree(ConfigBase):
+        stacks: list = [_repeated(), _global_local()]
+
+    modifier = RematModifier.default_config().set(policy=RematPolicy.DOTS_SAVEABLE).instantiate()
+    assert [stack.remat for stack in modifier(Tree()).stacks] == [RematPolicy.DOTS_SAVEABLE] * 2
 
 
 def test_kv_sharing_modifier_reaches_every_stack():

@@ -285,8 +285,9 @@ def layer_period(model: HFModel) -> int:
 
 
 def decoder_config(model: HFModel) -> Decoder.Config:
-    """The axmini Decoder computing what the Hugging Face model computes: scanned layers when all layers are
-    alike, else a PatternStack of the shortest repeating pattern (Gemma 3: 5 local : 1 global)."""
+    """The axmini Decoder computing what the Hugging Face model computes: a RepeatedStack when all layers are
+    alike, else a PatternStack of the shortest repeating pattern (Gemma 3: 5 local : 1 global), scanned over its
+    repeats."""
     period = layer_period(model)
     layers = [_layer_config(model, model.windows[i], model.rope_thetas[i]) for i in range(period)]
     if period == 1:
@@ -519,7 +520,7 @@ class TensorMap(NamedTuple):
 
     hf_name: str
     path: str  # The parameter's path in the model (`stack/layers/feed_forward/wi_0`).
-    layer: int | None  # Index on the leading `layers` axis of a scanned stack's parameter; None: the whole param.
+    layer: int | None  # Index on the leading `layers` axis of a stacked layer parameter; None: the whole param.
     transform: Transform
 
 
@@ -556,11 +557,11 @@ def _layer_tensors(model: HFModel) -> list[tuple[str, str, Transform]]:
 def tensor_maps(model: HFModel) -> list[TensorMap]:
     """Every Hugging Face tensor of `model` and the parameter of `decoder_config(model)` it fills."""
     maps = [TensorMap("model.embed_tokens.weight", "embedding/weight", None, Transform.COPY)]
-    scanned = layer_period(model) == 1
+    stack = decoder_config(model).stack
     for i in range(model.num_layers):
-        prefix, layer = ("stack/layers", i) if scanned else (f"stack/layers/{i}", None)
+        prefix, layer = stack.klass.layer_location(stack, i)
         for hf_name, path, transform in _layer_tensors(model):
-            maps.append(TensorMap(f"model.layers.{i}.{hf_name}", f"{prefix}/{path}", layer, transform))
+            maps.append(TensorMap(f"model.layers.{i}.{hf_name}", f"stack/{prefix}/{path}", layer, transform))
     maps.append(TensorMap("model.norm.weight", "output_norm/scale", None, Transform.COPY))
     if not model.tied_embeddings:
         maps.append(TensorMap("lm_head.weight", "lm_head/weight", None, Transform.TRANSPOSE))

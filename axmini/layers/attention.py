@@ -1,23 +1,25 @@
-"""Multi-head attention: the QKV projection slot, masks, kernels and the KV cache, on one code path.
+"""Multi-head attention: the QKV projection slot, masks, the kernel slot and the KV cache, on one code path.
 
-Two slots make every attention variant a config:
+Three slots make every attention variant a config:
 
 - `input_linear` (a `BaseQKVProjection`) maps x to q, k, v. `project` does the projections, `rotate` the
   positional encoding (identity here; RoPE in position.py wraps any projection), so qk-norm can sit in
   between and a feature like RoPE reaches every attention without editing one.
-- The attention layer's own config chooses grouped-query heads, sliding window, soft-capping and kernel.
+- `kernel` (a `BaseAttentionKernel`, kernels.py) computes softmax(q k^T) v: the reference einsum, XLA, cuDNN or
+  splash attention; mesh rules choose it per backend (`AttentionKernelModifier`).
+- the layer's own fields: grouped-query heads, sliding window, soft-capping and the query scale.
 
 Masking is by position, not by index: a query at position p sees keys at positions q with
 `0 <= q <= p` (and `p - q <= sliding_window`), in the same segment (segment 0 is padding and is never
 attended). The training forward, prefill and one-token extend differ only in where the keys come from:
 the current tokens, or the KV cache after (full cache) or besides (sliding-window ring buffer) writing
 the current tokens into it. Packed sequences therefore need `segment_ids` whenever positions restart.
+In the training forward the keys are the queries' own tokens (the mask is `aligned`), which lets flash kernels
+mask by index: positions must then increase by one within each segment, as packing makes them.
 """
 
 from __future__ import annotations
 
-import enum
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,6 +40,7 @@ from axmini.config import (
     map_configs,
     optional,
 )
+from axmini.layers.kernels import AttentionMask, BaseAttentionKernel, ReferenceKernel, XLAKernel
 from axmini.layers.norm import RMSNorm
 from axmini.module import Layer, constant_init, shard_activation
 
@@ -55,12 +58,13 @@ class QKV(NamedTuple):
 class KV(NamedTuple):
     """Keys/values a layer attended over, with what masking needs: what a KV-sharing consumer reads.
 
-    positions: [B,S] int32, -1 marks an empty slot; segment_ids: [B,S] or None (no segment restriction).
+    positions: [B,S] int32, -1 marks an empty slot; None: the keys are the call's own tokens (the training forward),
+    masked by the queries' positions and segment ids. segment_ids: [B,S] or None (no segment restriction).
     """
 
     k: Array
     v: Array
-    positions: Array
+    positions: Array | None
     segment_ids: Array | None
 
 
@@ -218,81 +222,6 @@ class OutputProjection(Layer):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Masks and kernels.
-
-
-class AttentionKernel(enum.Enum):
-    """How softmax(q k^T) v is computed; both give the same result."""
-
-    REFERENCE = "reference"  # einsum + mask: the implementation the tests trust.
-    XLA = "xla"  # jax.nn.dot_product_attention (no soft-capping: falls back to REFERENCE with it).
-
-
-def attention_mask(
-    q_positions: Array,
-    kv_positions: Array,
-    *,
-    q_segment_ids: Array | None = None,
-    kv_segment_ids: Array | None = None,
-    sliding_window: int | None = None,
-) -> Array:
-    """[B,T,S] bool: query t may attend key s (causal by position, window, segments; -1 = empty slot)."""
-    qp, kp = q_positions[:, :, None], kv_positions[:, None, :]
-    mask = (kp >= 0) & (kp <= qp)
-    if sliding_window is not None:
-        mask &= qp - kp <= sliding_window
-    if q_segment_ids is not None:
-        mask &= q_segment_ids[:, :, None] != 0
-    if kv_segment_ids is not None:
-        mask &= kv_segment_ids[:, None, :] != 0
-    if q_segment_ids is not None and kv_segment_ids is not None:
-        mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return mask
-
-
-def reference_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: Array,
-    *,
-    logit_softcap: float | None = None,
-    query_scale: float | None = None,
-) -> Array:
-    """softmax(q k^T * query_scale) v with q [B,T,H,Dh], k/v [B,S,K,Dh], mask [B,T,S]; logits in float32.
-    `query_scale` None is 1 / sqrt(Dh)."""
-    b, t, h, dh = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, h // kv_heads, dh)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    logits = logits / math.sqrt(dh) if query_scale is None else logits * query_scale
-    if logit_softcap is not None:
-        logits = logit_softcap * jnp.tanh(logits / logit_softcap)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
-
-
-def _attend(
-    q: Array,
-    k: Array,
-    v: Array,
-    mask: Array,
-    *,
-    kernel: AttentionKernel,
-    logit_softcap: float | None,
-    query_scale: float | None = None,
-) -> Array:
-    """Runs the kernel; query rows with nothing to attend (padding) are zero."""
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
-    if kernel is AttentionKernel.XLA and logit_softcap is None:
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=query_scale)
-    else:
-        out = reference_attention(q, k, v, mask, logit_softcap=logit_softcap, query_scale=query_scale)
-    return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, 0).astype(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
 # The attention layer.
 
 
@@ -336,7 +265,8 @@ class Attention(Layer):
         sliding_window: int | None = None
         # Logits become cap * tanh(logits / cap). None: off.
         logit_softcap: float | None = None
-        kernel: AttentionKernel = AttentionKernel.REFERENCE
+        # How softmax(q k^T) v is computed (kernels.py); mesh rules set cuDNN on GPU and splash on TPU.
+        kernel: BaseAttentionKernel.Config = ReferenceKernel.default_config()
         # The factor of q.k in the logits; None: head_dim^-0.5 (Gemma's query_pre_attn_scalar^-0.5 differs).
         query_scale: float | None = optional(None)
 
@@ -363,6 +293,7 @@ class Attention(Layer):
             norm_cfg = fill_child(cfg.qk_norm, parent=cfg, input_dim=self.head_dim, axis_name="head_dim")
         self.q_norm = norm_cfg.instantiate(rngs=rngs) if norm_cfg is not None else None
         self.k_norm = norm_cfg.instantiate(rngs=rngs) if norm_cfg is not None and self.input_linear.has_kv else None
+        self.kernel: BaseAttentionKernel = cfg.kernel.instantiate()
 
     @property
     def num_kv_heads(self) -> int:
@@ -439,20 +370,20 @@ class Attention(Layer):
             kv, new_cache = shared_kv, None
         elif cache is None:
             kv_axes = ("batch", "length", "kv_heads", "head_dim")
-            kv = KV(shard_activation(k, kv_axes), shard_activation(v, kv_axes), positions, segment_ids)
+            kv = KV(shard_activation(k, kv_axes), shard_activation(v, kv_axes), None, None)
             new_cache = None
         else:
             kv, new_cache, poison = self._update_cache(cache, k, v, positions, segment_ids)
-        mask = attention_mask(
+        own_tokens = kv.positions is None
+        mask = AttentionMask(
             positions,
-            kv.positions,
-            q_segment_ids=segment_ids,
-            kv_segment_ids=kv.segment_ids,
-            sliding_window=cfg.sliding_window,
+            positions if own_tokens else kv.positions,
+            segment_ids,
+            segment_ids if own_tokens else kv.segment_ids,
+            cfg.sliding_window,
+            aligned=own_tokens,
         )
-        out = _attend(
-            q, kv.k, kv.v, mask, kernel=cfg.kernel, logit_softcap=cfg.logit_softcap, query_scale=cfg.query_scale
-        )
+        out = self.kernel(q, kv.k, kv.v, mask, logit_softcap=cfg.logit_softcap, query_scale=cfg.query_scale)
         if poison is not None:
             out = jnp.where(poison[:, :, None, None], jnp.nan, out)
         return out, new_cache, kv
@@ -571,3 +502,13 @@ class SlidingWindowModifier(ConfigModifier):
     def __call__(self, cfg: ConfigBase) -> ConfigBase:
         check_positive(self.config, "sliding_window")
         return map_attention_configs(cfg, lambda attention: attention.set(sliding_window=self.config.sliding_window))
+
+
+class AttentionKernelModifier(ConfigModifier):
+    """Sets the kernel of every attention in a tree: how mesh rules give GPUs cuDNN and TPUs splash attention."""
+
+    class Config(ConfigModifier.Config):
+        kernel: BaseAttentionKernel.Config = XLAKernel.default_config()
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        return map_attention_configs(cfg, lambda attention: attention.set(kernel=self.config.kernel))

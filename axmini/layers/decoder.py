@@ -3,6 +3,10 @@
 `forward(input_ids, positions=..., segment_ids=..., cache=...)` is the one code path of training,
 prefill and extend; `__call__(batch)` returns the weighted cross-entropy loss (plus an optional z-loss)
 and metrics. The output projection is tied to the embedding (`lm_head=None`) or a separate Linear.
+
+Mixed precision is three dtypes (`MixedPrecisionModifier`): each layer's `param_dtype`, the decoder's `dtype` for
+activations (weights are cast to it where they are used) and `output_dtype` for the logits. Whatever they are,
+norms, attention softmax, the MoE router and the loss compute in float32.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 from axmini.config import (
     REQUIRED,
     ConfigBase,
+    ConfigModifier,
     ConfigValueError,
     Required,
     check_non_negative,
@@ -24,6 +29,7 @@ from axmini.config import (
     config_path,
     fill_child,
     find_configs,
+    map_configs,
     optional,
 )
 from axmini.layers.embedding import Embedding
@@ -41,7 +47,7 @@ def _is_non_causal(cfg: ConfigBase) -> bool:
 
 
 class DecoderOutput(NamedTuple):
-    logits: Array  # [B,T,V] float32
+    logits: Array  # [B,T,V] in the decoder's output_dtype
     cache: Any | None  # The stack's updated cache (None without a cache).
 
 
@@ -62,9 +68,11 @@ class Decoder(Layer):
         # Weight of the z-loss mean(log(Z)^2), which keeps the softmax normalizer near 1. 0: off.
         z_loss_weight: float = 0.0
         pad_id: int = 0
-        # Activation dtype (parameters keep param_dtype), e.g. jnp.bfloat16 for mixed precision.
+        # Activation (compute) dtype, e.g. jnp.bfloat16 for mixed precision; parameters keep their param_dtype.
         dtype: DType = jnp.float32
-        # Logits become cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping). None: off.
+        # Logits dtype (the loss computes in float32 either way); bfloat16 halves the largest activation.
+        output_dtype: DType = optional(jnp.float32)
+        # Logits become cap * tanh(logits / cap) (Gemma 2's final_logit_softcapping), in float32. None: off.
         logit_softcap: float | None = optional(None)
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -113,10 +121,9 @@ class Decoder(Layer):
         out = self.stack(x, positions=positions, segment_ids=segment_ids, cache=cache)
         x = self.output_norm(out.x)
         logits = self.embedding.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = logits.astype(jnp.float32)
         if cfg.logit_softcap is not None:
-            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
-        logits = shard_activation(logits, ("batch", "length", "vocab"))
+            logits = cfg.logit_softcap * jnp.tanh(logits.astype(jnp.float32) / cfg.logit_softcap)
+        logits = shard_activation(logits.astype(cfg.output_dtype), ("batch", "length", "vocab"))
         return DecoderOutput(logits, out.cache)
 
     def __call__(self, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
@@ -137,17 +144,23 @@ class Decoder(Layer):
         return weights.astype(jnp.float32)
 
     def loss(self, logits: Array, batch: Mapping[str, Array]) -> tuple[Array, dict[str, Array]]:
-        """(loss, metrics) of `logits` [B,T,V] against the batch's targets (see `__call__`)."""
+        """(loss, metrics) of `logits` [B,T,V] against the batch's targets (see `__call__`), in float32."""
         cfg = self.config
+        logits = logits.astype(jnp.float32)
         targets = batch["target_ids"]
         weights = self.loss_weights(batch)
-        log_z = jax.nn.logsumexp(logits, axis=-1)
+        # One reduction over the logits serves the normalizer and the accuracy (a target is correct when its logit is
+        # the largest; a tie counts as correct): an argmax would read the [B, T, V] logits once more.
+        max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+        log_z = max_logit + jnp.log(jnp.sum(jnp.exp(logits - max_logit[..., None]), axis=-1))
         target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
         num_tokens = jnp.sum(weights)
         denominator = jnp.maximum(num_tokens, 1.0)
         cross_entropy = jnp.sum((log_z - target_logits) * weights) / denominator
-        z_loss = cfg.z_loss_weight * jnp.sum(jnp.square(log_z) * weights) / denominator
-        correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+        z_loss = jnp.zeros((), jnp.float32)
+        if cfg.z_loss_weight:
+            z_loss = cfg.z_loss_weight * jnp.sum(jnp.square(log_z) * weights) / denominator
+        correct = (target_logits >= max_logit).astype(jnp.float32)
         loss = cross_entropy + z_loss
         metrics = {
             "loss": loss,
@@ -161,3 +174,23 @@ class Decoder(Layer):
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
         """An empty decoding cache for `batch_size` sequences of up to `max_length` positions."""
         return self.stack.init_cache(batch_size, max_length, dtype)
+
+
+class MixedPrecisionModifier(ConfigModifier):
+    """Sets the dtypes of every decoder in a tree: parameters (the `param_dtype` of each of its layers), activations
+    (`dtype`) and logits (`output_dtype`). Norms, softmax and the loss stay in float32 (see the module docstring)."""
+
+    class Config(ConfigModifier.Config):
+        param_dtype: Any = jnp.float32
+        compute_dtype: Any = jnp.bfloat16
+        output_dtype: Any = jnp.float32
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        mcfg = self.config
+
+        def convert(decoder: ConfigBase) -> ConfigBase:
+            for _, layer in find_configs(decoder, Layer.matches):
+                layer.param_dtype = mcfg.param_dtype
+            return decoder.set(dtype=mcfg.compute_dtype, output_dtype=mcfg.output_dtype)
+
+        return map_configs(cfg, Decoder.matches, convert)

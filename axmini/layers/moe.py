@@ -8,7 +8,9 @@ experiment turns its FFNs into MoE with one `MoEModifier`. Three concerns are se
   top-C tokens of a sequence). Either returns a `Routing`: dense [G, S, E] tensors saying which
   (token, expert) pairs are kept, with which combine weight and at which slot of the expert's buffer.
 - dispatch (an enum): `EINSUM` builds one-hot dispatch/combine tensors (static shapes, partitions
-  cleanly under GSPMD: the expert axis becomes an all-to-all); `GROUPED` gathers the kept pairs sorted
+  cleanly under GSPMD: the expert axis becomes an all-to-all); `GATHER` fills the same capacity-padded
+  expert buffers by gathering token rows and combines by a scatter-add, without the one-hot matmuls
+  (whose cost, S * E * C * D per group, grows with the sequence); `GROUPED` gathers the kept pairs sorted
   by expert and runs grouped matmuls (`jax.lax.ragged_dot`), with no capacity padding.
 - experts: gated FFNs with stacked parameters, e.g. `wi_0` [E, D, F] with axes (expert, embed, mlp).
 
@@ -225,9 +227,12 @@ class ExpertChoiceGating(BaseGating):
 
 
 class MoEDispatch(enum.Enum):
-    """How tokens reach their experts (both are exact; they differ in cost and in how they shard)."""
+    """How tokens reach their experts (all exact; they differ in cost and in how they shard)."""
 
     EINSUM = "einsum"  # One-hot dispatch/combine tensors [G, S, E, C]; capacity-padded; GSPMD-friendly.
+    # Capacity-padded buffers [E, G, C, D] filled by a gather and emptied by a scatter-add: the expert matmuls
+    # are dense batched matmuls (capacity_factor x the routed work) with no one-hot matmul around them.
+    GATHER = "gather"
     GROUPED = "grouped"  # Gather pairs sorted by expert, grouped matmuls (ragged_dot); no padding.
 
 
@@ -290,10 +295,12 @@ class MoE(Layer):
         x = shard_activation(x, ("batch", "length", "embed"))
         logits = jnp.einsum("gsd,de->gse", x.astype(jnp.float32), self.router[...].astype(jnp.float32))
         routing = self.gating(logits, deterministic=self.deterministic)
-        if cfg.dispatch is MoEDispatch.EINSUM:
-            y, output_norm = self._einsum_dispatch(x, routing)
-        else:
-            y, output_norm = self._grouped_dispatch(x, routing)
+        dispatch = {
+            MoEDispatch.EINSUM: self._einsum_dispatch,
+            MoEDispatch.GATHER: self._gather_dispatch,
+            MoEDispatch.GROUPED: self._grouped_dispatch,
+        }[cfg.dispatch]
+        y, output_norm = dispatch(x, routing)
         self._sow_aux(logits, routing, output_norm)
         return shard_activation(y, ("batch", "length", "embed"))
 
@@ -308,19 +315,39 @@ class MoE(Layer):
         capacity_range = jnp.arange(routing.capacity, dtype=routing.slots.dtype)
         dispatch = (routing.slots[..., None] == capacity_range) & routing.kept[..., None]  # [G, S, E, C]
         combine = dispatch * routing.weights[..., None].astype(x.dtype)
-        # Dispatch is local to each group; moving the expert dim onto the `expert` mesh axis (and the
-        # groups off it) is then one all-to-all each way.
         expert_in = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
+        expert_out, output_norm = self._buffered_experts(expert_in, occupied=dispatch.any(axis=1))
+        return jnp.einsum("gsec,egcd->gsd", combine, expert_out), output_norm
+
+    def _buffered_experts(self, expert_in: Array, *, occupied: Array) -> tuple[Array, Array]:
+        """The experts on capacity-padded buffers [E, G, C, D], and the summed output norm of each expert over its
+        `occupied` [G, E, C] slots. Buffers are filled per group; moving the expert dim onto the `expert` mesh axis
+        (and the groups off it) is then one all-to-all each way."""
         expert_in = shard_activation(expert_in, (None, "batch", None, "embed"))
         expert_in = shard_activation(expert_in, ("expert", "batch", None, "embed"))
         hint = lambda h: shard_activation(h, ("expert", "batch", None, "mlp"))
         expert_out = self._experts(expert_in, lambda a, w: jnp.einsum("egci,eio->egco", a, w), hint)
         expert_out = shard_activation(expert_out, ("expert", "batch", None, "embed"))
         expert_out = shard_activation(expert_out, (None, "batch", None, "embed"))
-        occupied = dispatch.any(axis=1)  # [G, E, C]
         norms = jnp.linalg.norm(expert_out.astype(jnp.float32), axis=-1)  # [E, G, C]
-        output_norm = jnp.einsum("egc,gec->e", norms, occupied.astype(jnp.float32))
-        return jnp.einsum("gsec,egcd->gsd", combine, expert_out), output_norm
+        return expert_out, jnp.einsum("egc,gec->e", norms, occupied.astype(jnp.float32))
+
+    def _gather_dispatch(self, x: Array, routing: Routing) -> tuple[Array, Array]:
+        groups, group_size, num_experts = routing.kept.shape
+        capacity = routing.capacity
+        # index[g, e, c]: the token in slot c of expert e's buffer for group g (group_size: an empty slot).
+        g, s, e = (jnp.broadcast_to(a, routing.kept.shape) for a in jnp.ix_(*map(jnp.arange, routing.kept.shape)))
+        slot = jnp.where(routing.kept, routing.slots, capacity)  # Dropped pairs go out of range: not written.
+        index = jnp.full((groups, num_experts, capacity), group_size, jnp.int32).at[g, e, slot].set(s, mode="drop")
+        pair_weights = routing.weights.astype(x.dtype)  # Cast first: a scatter does not cast float32 into bfloat16.
+        weight = jnp.zeros((groups, num_experts, capacity), x.dtype).at[g, e, slot].set(pair_weights, mode="drop")
+        rows = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=1)  # Row group_size: zeros for empty slots.
+        expert_in = jnp.take_along_axis(rows, index.reshape(groups, -1)[..., None], axis=1)
+        expert_in = jnp.swapaxes(expert_in.reshape(groups, num_experts, capacity, -1), 0, 1)  # [E, G, C, D]
+        expert_out, output_norm = self._buffered_experts(expert_in, occupied=index < group_size)
+        weighted = jnp.swapaxes(expert_out, 0, 1) * weight[..., None]  # [G, E, C, D]
+        rows = jnp.zeros_like(rows).at[jnp.arange(groups)[:, None, None], index].add(weighted, mode="drop")
+        return rows[:, :group_size], output_norm
 
     def _grouped_dispatch(self, x: Array, routing: Routing) -> tuple[Array, Array]:
         groups, group_size, num_experts = routing.kept.shape

@@ -14,7 +14,8 @@ One code path for training, prefill and extend. The keys are the concatenation o
 w + 1 tokens (empty in training) and the T new tokens:
 
 - window branch: new token t attends buffer-or-new keys t + 1 .. t + w + 1 (itself and w before it),
-  computed in blocks of `chunk_size` queries, so the cost is O(T * w), not O(T^2);
+  which the kernel computes in blocks of queries (`blocked_window_attention`, shared with Attention's
+  sliding window), so the cost is O(T * w), not O(T^2);
 - linear branch: key number t of that concatenation is the first one out of the window of new token t,
   so it is the aligned causal linear attention of the new queries over the first T keys, from the state;
 - the cache keeps the last w + 1 tokens (rotated keys, values, keys before RoPE) and the state, whose
@@ -30,7 +31,6 @@ producer's keys before RoPE), so `RAttentionModifier` refuses stacks with `kv_sh
 from __future__ import annotations
 
 import enum
-import math
 from typing import Any, NamedTuple
 
 import flax.nnx as nnx
@@ -48,15 +48,8 @@ from axmini.config import (
     map_configs,
     optional,
 )
-from axmini.layers.attention import (
-    KV,
-    QKV,
-    Attention,
-    AttentionKernel,
-    KVCache,
-    _attend,
-    map_attention_configs,
-)
+from axmini.layers.attention import KV, QKV, Attention, KVCache, map_attention_configs
+from axmini.layers.kernels import AttentionMask
 from axmini.layers.linear_attention import (
     FeatureMap,
     LinearState,
@@ -93,62 +86,6 @@ def _take(x: Array, index: Array) -> Array:
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
-def _pad_time(x: Array, length: int, value: int | float = 0) -> Array:
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, length - x.shape[1])
-    return jnp.pad(x, pad, constant_values=value)
-
-
-def window_attention(
-    q: Array,
-    k: Array,
-    v: Array,
-    *,
-    q_segment_ids: Array,
-    k_segment_ids: Array,
-    span: int,
-    block_size: int,
-    kernel: AttentionKernel = AttentionKernel.REFERENCE,
-    logit_softcap: float | None = None,
-    query_scale: float | None = None,
-) -> Array:
-    """Local softmax attention in blocks of queries: query t sees keys t + 1 .. t + span of its segment
-    (its own key is key span + t, after the span - 1 keys before it).
-
-    q: [B,T,H,Dh]; k, v: [B, span + T, K, Dh] (a buffer of `span` keys, then the T new ones); segment ids
-    [B,T] and [B, span + T] (an invalid key's segment equals no query's). Each block of `block_size`
-    queries reads `block_size + span - 1` keys: the cost is O(T * span), not O(T^2).
-    """
-    batch, length, heads, head_dim = q.shape
-    block = min(block_size, length)
-    blocks = math.ceil(length / block)
-    padded = blocks * block
-    q = _pad_time(q, padded)
-    q_seg = _pad_time(q_segment_ids, padded)
-    k, v = _pad_time(k, span + padded), _pad_time(v, span + padded)
-    k_seg = _pad_time(k_segment_ids, span + padded, value=-1)
-    width = block + span - 1
-    index = jnp.arange(blocks)[:, None] * block + 1 + jnp.arange(width)[None, :]  # [blocks, width]
-    row, col = jnp.arange(block)[:, None], jnp.arange(width)[None, :]
-    band = (col >= row) & (col <= row + span - 1)
-    q_seg = q_seg.reshape(batch, blocks, block)
-    mask = band & (q_seg[..., :, None] == k_seg[:, index][..., None, :])  # [B, blocks, block, width]
-
-    def fold(x: Array) -> Array:  # blocks into the batch dim
-        return x.reshape(batch * blocks, *x.shape[2:])
-
-    out = _attend(
-        fold(q.reshape(batch, blocks, block, heads, head_dim)),
-        fold(k[:, index]),
-        fold(v[:, index]),
-        fold(mask),
-        kernel=kernel,
-        logit_softcap=logit_softcap,
-        query_scale=query_scale,
-    )
-    return out.reshape(batch, padded, heads, head_dim)[:, :length]
-
-
 class RAttention(Attention):
     """Sliding-window attention + residual linear attention, each normalized per head, summed, projected.
 
@@ -160,7 +97,7 @@ class RAttention(Attention):
         # The window w: query i sees tokens i - w .. i by softmax attention, earlier ones by the linear branch.
         sliding_window: int = 512
         feature_map: FeatureMap = FeatureMap.SOFTMAX_PAIR
-        # Tokens per chunk of the linear branch and per query block of the window branch.
+        # Tokens per chunk of the linear branch (the window branch is blocked by its kernel: window_block_size).
         chunk_size: int = 512
         # None: keep every chunk state for the backward pass; m: keep every m-th, recompute the rest (remat).
         state_checkpoint_every: int | None = None
@@ -274,18 +211,9 @@ class RAttention(Attention):
         )
 
         span = cfg.sliding_window + 1
-        window_out = window_attention(
-            q,
-            keys,
-            values,
-            q_segment_ids=segments,
-            k_segment_ids=key_segments,
-            span=span,
-            block_size=cfg.chunk_size,
-            kernel=cfg.kernel,
-            logit_softcap=cfg.logit_softcap,
-            query_scale=cfg.query_scale,
-        )
+        # The last T keys are the new tokens: an aligned mask, attended in blocks when long (kernels.py).
+        mask = AttentionMask(new_positions, key_positions, segments, key_segments, cfg.sliding_window, aligned=True)
+        window_out = self.kernel(q, keys, values, mask, logit_softcap=cfg.logit_softcap, query_scale=cfg.query_scale)
 
         # Linear branch: key t leaves the window at new token t. Keys past this row's valid tokens stay in the
         # buffer: zero features, and the segment of the last key that left, so they leave the state unchanged.
@@ -309,7 +237,7 @@ class RAttention(Attention):
         window_out = shard_activation(_take(window_out, restore), head_axes)
         linear_out = shard_activation(_take(linear_out, restore).astype(window_out.dtype), head_axes)
         if cache is None:
-            return RAttentionBranches(window_out, linear_out, None, KV(rotated.k, rotated.v, positions, segment_ids))
+            return RAttentionBranches(window_out, linear_out, None, KV(rotated.k, rotated.v, None, None))
         kept = num_valid[:, None] + jnp.arange(span)[None, :]  # The last w + 1 valid tokens.
         new_cache = RAttentionCache(
             KVCache(_take(keys, kept), _take(values, kept), _take(key_positions, kept)), _take(keys_raw, kept), state

@@ -3,7 +3,8 @@
 - `TransformerLayer`: pre-norm residual block with three slots (`norm`, `self_attention`, `feed_forward`).
 - `RepeatedStack`: one layer config x `num_layers`; parameters stacked on a leading `layers` axis and run
   with `jax.lax.scan` (one compiled layer whatever the depth), in training and in decoding.
-- `PatternStack`: a list of layer configs tiled to `num_layers` ("3 local : 1 global", "dense, MoE").
+- `PatternStack`: a list of layer configs tiled to `num_layers` ("3 local : 1 global", "dense, MoE"), scanned
+  over repeats of the pattern (one `LayerGroup` of the pattern's layers, parameters stacked per repeat).
 - KV-cache sharing (Apple Foundation LM 2025): with `kv_sharing=(a, b)` both stacks split into two blocks
   of depth ratio a:b. Second-block layers have no key/value projections (their projection becomes a
   `QueryOnlyProjection`) and attend to the keys/values of the LAST first-block layer; only first-block
@@ -121,17 +122,26 @@ def maybe_apply(norm: nnx.Module | None, x: Array) -> Array:
 
 
 class RematPolicy(enum.Enum):
-    """What each layer keeps for the backward pass (jax.checkpoint policies)."""
+    """What each layer (scanned group, for a PatternStack) keeps for the backward pass: a jax.checkpoint policy."""
 
-    NONE = "none"  # Keep every activation (fastest, most memory).
-    FULL = "full"  # Keep only the layer input; recompute the rest.
-    DOTS_SAVEABLE = "dots_saveable"  # Keep matmul outputs.
-    DOTS_WITH_NO_BATCH_DIMS_SAVEABLE = "dots_with_no_batch_dims_saveable"  # Keep weight matmuls, not attention.
+    NONE = "none"  # No remat: keep every activation (fastest, most memory).
+    NOTHING_SAVEABLE = "nothing_saveable"  # Keep only the layer's input; recompute the rest (least memory).
+    DOTS_SAVEABLE = "dots_saveable"  # Keep every matmul output.
+    DOTS_WITH_NO_BATCH_DIMS_SAVEABLE = "dots_with_no_batch_dims_saveable"  # Keep weight matmuls; recompute attention.
+    # As DOTS_WITH_NO_BATCH_DIMS_SAVEABLE, kept in pinned host memory instead of device memory (GPU, TPU; a device
+    # without pinned host memory keeps them).
+    OFFLOAD_DOTS_WITH_NO_BATCH_DIMS = "offload_dot_with_no_batch_dims"
 
     @property
     def policy(self) -> Callable | None:
-        """The jax.checkpoint policy (None: save nothing but the inputs)."""
-        return getattr(jax.checkpoint_policies, self.value) if self.value.startswith("dots") else None
+        """The jax.checkpoint policy (None for NONE: no checkpoint at all)."""
+        if self is RematPolicy.NONE:
+            return None
+        if self is RematPolicy.OFFLOAD_DOTS_WITH_NO_BATCH_DIMS:
+            if not any(memory.kind == "pinned_host" for memory in jax.devices()[0].addressable_memories()):
+                return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+            return jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
+        return getattr(jax.checkpoint_policies, self.value)
 
     def apply(self, fn: Callable) -> Callable:
         """`fn` wrapped in jax.checkpoint with this policy (unchanged for NONE)."""
@@ -180,7 +190,11 @@ class BaseStack(Layer):
     @property
     def num_kv_layers(self) -> int:
         """The number of first-block layers: those that produce keys/values and keep a cache."""
-        cfg = self.config
+        return self.kv_layer_count(self.config)
+
+    @staticmethod
+    def kv_layer_count(cfg: Config) -> int:
+        """`num_kv_layers` of a stack config."""
         if cfg.kv_sharing is None:
             return cfg.num_layers
         first, second = cfg.kv_sharing
@@ -192,6 +206,12 @@ class BaseStack(Layer):
                 f"num_layers * a divisible by a + b (e.g. (5, 3) for 56 layers gives 35 + 21)"
             )
         return cfg.num_layers * first // total
+
+    @classmethod
+    def layer_location(cls, cfg: Config, index: int) -> tuple[str, int]:
+        """Where the parameters of layer `index` live: (their path in the stack, their index on the leading
+        `layers` axis of those stacked parameters). How a checkpoint converter finds layer i."""
+        raise NotImplementedError(cls)
 
     def _block_configs(self, layer_cfgs: list[ConfigBase]) -> list[ConfigBase]:
         """Per-layer configs with input_dim filled and second-block layers made KV consumers."""
@@ -286,6 +306,11 @@ class RepeatedStack(BaseStack):
         n_shared = cfg.num_layers - n_kv
         self.shared_kv_layers = stack_modules(layer_cfgs[-1], n_shared, axis="layers", rngs=rngs) if n_shared else None
 
+    @classmethod
+    def layer_location(cls, cfg: Config, index: int) -> tuple[str, int]:
+        n_kv = cls.kv_layer_count(cfg)
+        return ("layers", index) if index < n_kv else ("shared_kv_layers", index - n_kv)
+
     def __call__(
         self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
     ) -> StackOutput:
@@ -320,11 +345,67 @@ class RepeatedStack(BaseStack):
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_kv_layers, *a.shape)), one)
 
 
-class PatternStack(BaseStack):
-    """The layer configs in `pattern`, tiled to `num_layers` (unrolled; each layer has its own params).
+def _in_order(modules: nnx.Dict, count: int) -> list[nnx.Module]:
+    """The `count` modules of an nnx.Dict keyed "0", "1", ..., in index order (its len() also counts what nnx.capture
+    attaches)."""
+    return [modules[str(i)] for i in range(count)]
 
-    E.g. pattern=[local, local, local, global] with num_layers=8 gives L L L G L L L G. The cache is a
-    tuple with one entry per first-block layer.
+
+class LayerGroup(Layer):
+    """Layers applied in turn, with a layer's call contract: the unit a PatternStack scans over.
+
+    Its cache is a tuple with one entry per layer; its `kv` is its last layer's. In a KV-sharing consumer group every
+    layer reads the same `shared_kv`. Layers are kept in an nnx.Dict keyed "0", "1", ... (not an nnx.List, whose mix of
+    int keys and the str keys nnx.capture adds cannot be split inside a capture, as the scan does).
+    """
+
+    class Config(Layer.Config):
+        input_dim: Required[int] = REQUIRED
+        layers: list[Layer.Config] = []
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        cfg = self.config
+        self.layers = nnx.Dict(
+            {
+                str(i): fill_child(layer, parent=cfg, input_dim=cfg.input_dim).instantiate(rngs=rngs)
+                for i, layer in enumerate(cfg.layers)
+            }
+        )
+
+    def __call__(
+        self,
+        x: Array,
+        *,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: Any | None = None,
+        shared_kv: KV | None = None,
+    ) -> LayerOutput:
+        caches, kv = [], None
+        for i, layer in enumerate(_in_order(self.layers, len(self.config.layers))):
+            layer_cache = None if cache is None else cache[i]
+            out = layer(x, positions=positions, segment_ids=segment_ids, cache=layer_cache, shared_kv=shared_kv)
+            x, kv = out.x, out.kv
+            caches.append(out.cache)
+        return LayerOutput(x, tuple(caches) if cache is not None else None, kv)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
+        return tuple(
+            layer.init_cache(batch_size, max_length, dtype) for layer in _in_order(self.layers, len(self.config.layers))
+        )
+
+
+class PatternStack(BaseStack):
+    """The layer configs in `pattern`, tiled to `num_layers`, scanned over repeats of the pattern.
+
+    E.g. pattern=[local, local, local, global] with num_layers=8 gives L L L G L L L G: one `LayerGroup` of the
+    four pattern layers, its parameters stacked twice on a leading `layers` axis (`groups/0/layers/3/...` is the
+    global layer of every repeat), run with jax.lax.scan. So build and compile time do not grow with depth.
+
+    With KV sharing the two blocks are separate groups (the second of query-only consumers); a block whose length
+    is not a multiple of the pattern ends in a group of one repeat holding the rest. The cache is a tuple with one
+    entry per first-block group: its layers' caches, stacked over repeats. Remat applies to each group call.
     """
 
     class Config(BaseStack.Config):
@@ -340,27 +421,76 @@ class PatternStack(BaseStack):
                 f"len({config_path(cfg, 'pattern')})={period}; use num_layers = k * {period or 'len(pattern)'}"
             )
         layer_cfgs = self._block_configs([cfg.pattern[i % period] for i in range(cfg.num_layers)])
-        self.layers = nnx.List([c.instantiate(rngs=rngs) for c in layer_cfgs])
+        runs = self.group_runs(cfg)
+        self.num_kv_groups = sum(first < self.num_kv_layers for first, _, _ in runs)
+        self.repeats = tuple(repeats for _, _, repeats in runs)
+
+        def group(first: int, size: int) -> LayerGroup.Config:
+            return LayerGroup.default_config().set(input_dim=cfg.input_dim, layers=layer_cfgs[first : first + size])
+
+        self.groups = nnx.Dict(
+            {
+                str(i): stack_modules(group(first, size), repeats, axis="layers", rngs=rngs)
+                for i, (first, size, repeats) in enumerate(runs)
+            }
+        )
+
+    @classmethod
+    def group_runs(cls, cfg: Config) -> list[tuple[int, int, int]]:
+        """(first layer, layers, repeats) of each scanned group: per KV-sharing block, its whole patterns, then its
+        rest."""
+        period, n_kv = len(cfg.pattern), cls.kv_layer_count(cfg)
+        runs = []
+        for start, end in ((0, n_kv), (n_kv, cfg.num_layers)):
+            repeats = (end - start) // period
+            rest = start + repeats * period
+            runs += [(start, period, repeats)] if repeats else []
+            runs += [(rest, end - rest, 1)] if rest < end else []
+        return runs
+
+    @classmethod
+    def layer_location(cls, cfg: Config, index: int) -> tuple[str, int]:
+        for group, (first, size, repeats) in enumerate(cls.group_runs(cfg)):
+            if first <= index < first + size * repeats:
+                return f"groups/{group}/layers/{(index - first) % size}", (index - first) // size
+        raise IndexError(f"{config_path(cfg, 'num_layers')}={cfg.num_layers} has no layer {index}")
 
     def __call__(
         self, x: Array, *, positions: Array, segment_ids: Array | None = None, cache: Any | None = None
     ) -> StackOutput:
-        n_kv = self.num_kv_layers
-        remat = self.config.remat
-        call = _call_layer if remat is RematPolicy.NONE else nnx.remat(_call_layer, policy=remat.policy)
         new_cache, kv = [], None
-        for i, layer in enumerate(self.layers):
-            layer_cache = cache[i] if cache is not None and i < n_kv else None
-            out = call(layer, x, positions, segment_ids, layer_cache, kv if i >= n_kv else None)
-            x = out.x
-            if i < n_kv:
-                new_cache.append(out.cache)
-                kv = out.kv
+        last_producer = self.num_kv_groups - 1
+        for i, group in enumerate(_in_order(self.groups, len(self.repeats))):
+            producer = i < self.num_kv_groups
+            x, group_cache, group_kv = _scan_layers(
+                group,
+                x,
+                positions=positions,
+                segment_ids=segment_ids,
+                cache=cache[i] if cache is not None and producer else None,
+                shared_kv=None if producer else kv,
+                want_kv=i == last_producer and len(self.repeats) > self.num_kv_groups,
+                remat=self.config.remat,
+            )
+            if producer:
+                new_cache.append(group_cache)
+            if i == last_producer:
+                kv = group_kv  # What the second block's groups read (None without KV sharing).
         return StackOutput(x, tuple(new_cache) if cache is not None else None)
 
+    def layer_configs(self) -> list[Layer.Config]:
+        """The config of every layer in order, as built (second-block layers with their query-only projections)."""
+        groups = zip(_in_order(self.groups, len(self.repeats)), self.repeats)
+        return [layer for group, n in groups for _ in range(n) for layer in group.config.layers]
+
     def init_cache(self, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> Any:
-        """One cache per first-block layer, in a tuple."""
-        return tuple(layer.init_cache(batch_size, max_length, dtype) for layer in self.layers[: self.num_kv_layers])
+        """Per first-block group, its layers' caches stacked over its repeats."""
+        return tuple(
+            jax.tree.map(
+                lambda a, n=n: jnp.broadcast_to(a, (n, *a.shape)), group.init_cache(batch_size, max_length, dtype)
+            )
+            for group, n in zip(_in_order(self.groups, len(self.repeats))[: self.num_kv_groups], self.repeats)
+        )
 
 
 def _call_layer(
@@ -432,3 +562,13 @@ class GlobalLocalModifier(ConfigModifier):
         if mcfg.strip_global_rope:
             global_ = map_configs(global_, RoPEProjection, lambda rope: rope.inner)
         return stack.set(pattern=[local] * mcfg.local_layers + [global_] * mcfg.global_layers)
+
+
+class RematModifier(ConfigModifier):
+    """Sets the remat policy of every stack in a tree (e.g. from a mesh rule, for the hardware's memory)."""
+
+    class Config(ConfigModifier.Config):
+        policy: RematPolicy = RematPolicy.NOTHING_SAVEABLE
+
+    def __call__(self, cfg: ConfigBase) -> ConfigBase:
+        return map_configs(cfg, BaseStack.matches, lambda stack: stack.set(remat=self.config.policy))

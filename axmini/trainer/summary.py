@@ -1,8 +1,9 @@
-"""Summaries: TensorBoard event files, a `metrics.jsonl` log, and a progress bar.
+"""Summaries: TensorBoard event files, a `metrics.jsonl` log, a progress bar, and the model FLOPs behind MFU.
 
 `SummaryWriter.write(step, metrics)` records scalars under a prefix (`train/loss`, `eval/loss`, ...) to
 TensorBoard (tensorboardX) and appends one JSON line per call to `metrics.jsonl`, which tests and scripts
 read without TensorBoard. Only process 0 writes. `ProgressBar` shows step, loss and tokens/s (tqdm).
+`flops_per_token` counts a model's training FLOPs, attention included; `mfu` turns a token rate into utilization.
 """
 
 from __future__ import annotations
@@ -12,21 +13,60 @@ import math
 from pathlib import Path
 from typing import Any
 
+import flax.nnx as nnx
 import jax
+import numpy as np
 
 from axmini.config import REQUIRED, Configurable, Required
+from axmini.layers.attention import Attention
+from axmini.layers.decoder import Decoder
+from axmini.layers.moe import MoE
 
 
-def model_flops_per_token(num_params: int) -> float:
-    """Training FLOPs per token, the standard 6N estimate (forward + backward; attention excluded)."""
-    return 6.0 * num_params
+def _size(variable: nnx.Variable) -> int:
+    return math.prod(np.shape(variable.get_value()))
 
 
-def mfu(tokens_per_second: float, num_params: int, num_chips: int, peak_flops_per_chip: float | None) -> float | None:
+def keys_per_query(length: int, window: int | None) -> float:
+    """The mean number of keys a query sees in causal attention over `length` tokens (a window of w: at most w + 1)."""
+    span = length if window is None else min(window + 1, length)
+    return (span * (span + 1) / 2 + (length - span) * span) / length
+
+
+def flops_per_token(model: nnx.Module, sequence_length: int) -> float:
+    """Training FLOPs per token of `model` (abstract or built) on sequences of `sequence_length`: forward plus
+    backward, 3 x the forward's 2 FLOPs per multiply-add.
+
+    - weights: 6 per parameter, except an embedding table that is only looked up (a decoder with its own lm_head),
+      and a routed expert's weights count for the share of tokens each expert processes (top_k / num_experts);
+    - attention: 12 x heads x head_dim x the keys a query sees on average (`keys_per_query`: about T/2 when causal,
+      the window when local), for every attention layer (stacked layers counted by their leading dims). RAttention's
+      linear branch is not counted.
+    """
+    weights = sum(_size(v) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    attention = 0.0
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, Decoder) and module.lm_head is not None:
+            weights -= _size(module.embedding.weight)
+        elif isinstance(module, MoE):
+            gating = module.gating.config
+            active = getattr(gating, "top_k", None) or gating.train_capacity_factor
+            experts = sum(_size(getattr(module, w)) for w in ("wi_0", "wi_1", "wi", "wo") if hasattr(module, w))
+            weights -= experts * (1 - active / gating.num_experts)
+        elif isinstance(module, Attention):
+            layers = math.prod(np.shape(module.output_linear.weight.get_value())[:-3])
+            keys = keys_per_query(sequence_length, module.config.sliding_window)
+            attention += 12 * module.config.num_heads * module.head_dim * keys * layers
+    return 6.0 * weights + attention
+
+
+def mfu(
+    tokens_per_second: float, flops_per_token: float, num_chips: int, peak_flops_per_chip: float | None
+) -> float | None:
     """Model FLOPs utilization: achieved model FLOP/s over the chips' peak (None when the peak is unknown)."""
     if not peak_flops_per_chip:
         return None
-    return tokens_per_second * model_flops_per_token(num_params) / (num_chips * peak_flops_per_chip)
+    return tokens_per_second * flops_per_token / (num_chips * peak_flops_per_chip)
 
 
 def _step(line: str) -> float:

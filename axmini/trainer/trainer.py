@@ -57,7 +57,7 @@ from axmini.trainer.checkpointer import Checkpointer, NoRestorableCheckpointErro
 from axmini.trainer.evaluator import Evaluator, loss_sums
 from axmini.trainer.input import BATCH_KEYS, Batch, Input
 from axmini.trainer.learner import Learner
-from axmini.trainer.summary import ProgressBar, SummaryWriter, mfu
+from axmini.trainer.summary import ProgressBar, SummaryWriter, flops_per_token, mfu
 from axmini.trainer.warm_start import check_init_from, has_checkpoint, warm_started
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ class Trainer(Configurable):
 
         abstract_model = build_abstract(cfg.model, cfg.seed)
         self.num_params = count_params(abstract_model)
+        self.flops_per_token = flops_per_token(abstract_model, cfg.input.sequence_length)  # Attention included.
         self._graphdef, _, _ = nnx.split(abstract_model, nnx.Param, ...)
         self.abstract_state = jax.eval_shape(self._init_state)
         self.state_shardings = state_shardings(self.abstract_state, self.mesh, self.rules)
@@ -319,19 +320,28 @@ class Trainer(Configurable):
                 self._compiled[name] = jitted.lower(self.abstract_state, batch).compile()
         return self._compiled[name]
 
+    def _train_step_packed(self, state: State, batch: Batch) -> tuple[State, jax.Array]:
+        """`_train_step` with its scalar metrics stacked into one float32 vector, so that the host fetches them in one
+        transfer instead of one per metric; their names are recorded while tracing."""
+        state, metrics = self._train_step(state, batch)
+        self._metric_names = tuple(sorted(metrics))
+        return state, jnp.stack([jnp.asarray(metrics[name], jnp.float32) for name in self._metric_names])
+
     def compiled_train_step(self) -> Any:
-        """The train step, compiled for this mesh (once)."""
+        """The train step, compiled for this mesh (once): (state, batch) -> (state, metrics as one vector)."""
         return self._compile(
             "train",
-            self._train_step,
+            self._train_step_packed,
             self.config.input,
             out_shardings=(self.state_shardings, _replicated(self.mesh)),
             donate_argnums=(0,),
         )
 
-    def train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
-        """One step on a global batch (see `global_batch`); the input state is donated."""
-        return self.compiled_train_step()(state, batch)
+    def train_step(self, state: State, batch: Batch) -> tuple[State, dict[str, float]]:
+        """One step on a global batch (see `global_batch`); the input state is donated. Waits for the step (which on
+        CPU also avoids the collective hang hazard) and returns its metrics as floats."""
+        state, packed = self.compiled_train_step()(state, batch)
+        return state, dict(zip(self._metric_names, np.asarray(jax.device_get(packed)).tolist()))
 
     def eval_step(self, state: State, batch: Batch) -> dict[str, jax.Array]:
         eval_input = self.config.evaluator.input
@@ -453,8 +463,7 @@ class Trainer(Configurable):
                 tick = time.perf_counter()
                 while step < cfg.max_step:
                     state, metrics = self.train_step(state, self.global_batch(next(batches)))
-                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # Blocks: CPU hang hazard.
-                    numbers = {k: metrics[k] for k in ("total_loss", "grad_norm", "update_norm")}
+                    numbers = {k: metrics[k] for k in ("total_loss", "grad_norm", "update_norm") if k in metrics}
                     if not all(math.isfinite(v) for v in numbers.values()):
                         values = ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
                         if step == resumed_at:
@@ -504,7 +513,7 @@ class Trainer(Configurable):
 
     def _speed(self, tokens_per_second: float) -> dict[str, float]:
         speed = {"tokens_per_second": tokens_per_second}
-        utilization = mfu(tokens_per_second, self.num_params, self.mesh.size, self.instance.peak_flops_per_chip)
+        utilization = mfu(tokens_per_second, self.flops_per_token, self.mesh.size, self.instance.peak_flops_per_chip)
         if utilization is not None:
             speed["mfu"] = utilization
         return speed
