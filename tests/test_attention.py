@@ -417,15 +417,15 @@ class Parent(Layer):
         (dict(logit_softcap=-1.0), r"attn\.logit_softcap=-1.0 must be positive"),
         (
             dict(qk_norm=RMSNorm.default_config().set(input_dim=8)),
-            r"attn\.qk_norm\.input_dim=8 conflicts with 4",
+            r"attn\.qk_norm\.input_dim=8 conflicts with attn\.\w+=4, which sets it",
         ),
         (
             dict(input_linear=FusedQKVProjection.default_config().set(head_dim=8)),
-            r"attn\.input_linear\.head_dim=8 conflicts with 4",
+            r"attn\.input_linear\.head_dim=8 conflicts with attn\.\w+=4, which sets it",
         ),
         (
             dict(input_linear=QKVProjection.default_config().set(num_kv_heads=4), num_kv_heads=2),
-            r"attn\.input_linear\.num_kv_heads=4 conflicts with 2",
+            r"attn\.input_linear\.num_kv_heads=4 conflicts with attn\.num_kv_heads=2, which sets it",
         ),
     ],
 )

@@ -83,7 +83,8 @@ def test_gathered_decoding_equals_the_masked_full_forward(pattern, transform):
         out = step(model, ids[:, t : t + 1], jnp.full((2, 1), t), out.cache)
         decoded.append(out.logits)
     np.testing.assert_allclose(np.concatenate(decoded, axis=1), full, rtol=1e-5, atol=1e-5)
-    units = out.cache[0].units if pattern else out.cache.units[0]  # Layer 0's active units per row.
+    # Layer 0's active units per row (a pattern stack's cache: per group, per layer, stacked over repeats).
+    units = out.cache[0][0].units[0] if pattern else out.cache.units[0]
     assert units.shape == (2, F // 4) and not np.array_equal(units[0], units[1])
 
 
@@ -113,9 +114,10 @@ def test_decoding_flops_per_token_drop_with_the_active_fraction():
         step = jax.jit(lambda s, x, p, c: nnx.merge(graphdef, s).forward(x, positions=p, cache=c).logits)
         return step.lower(state, ids[:, 6:], jnp.full((2, 1), 6), cache).compile().cost_analysis()["flops"]
 
-    # Pattern stacks: unrolled layers (a scanned stack's loop body is counted once).
+    # XLA counts a scanned stack's loop body once: the layers counted are the pattern's.
     base = extend_flops(dense(pattern=True))
-    ffn = 2 * L * 3 * 2 * D * F  # Rows x layers x matrices x FLOPs per multiply-add x D x F: the dense FFN's.
+    counted = len(dense(pattern=True).stack.pattern)
+    ffn = 2 * counted * 3 * 2 * D * F  # Rows x layers x matrices x FLOPs per multiply-add x D x F: the dense FFN's.
     for fraction in (0.25, 0.5):
         saved = base - extend_flops(pruned(fraction, pattern=True))
         # The FFN's matmuls shrink to `fraction` (its elementwise ops too, a few % more).

@@ -127,7 +127,8 @@ def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state_or_ski
     assert int(stopped.state["step"]) == 2
     [warning] = messages(caplog)
     assert warning.startswith("step 3: the loss or its update is not finite (total_loss ")
-    assert "update_norm nan); stopped with a checkpoint of step 2, the last good state" in warning
+    assert "learning_rate nan, grad_norm " in warning
+    assert "); stopped with a checkpoint of step 2, the last good state" in warning
     assert checkpoint_dirs(tmp_path / "stop") == ["2"]
 
     caplog.clear()
@@ -137,7 +138,8 @@ def test_a_non_finite_loss_stops_with_a_checkpoint_of_the_last_good_state_or_ski
     assert skipped.losses[1] == stopped.losses[1] and skipped.losses[2] == stopped.losses[2]
     [warning] = messages(caplog)
     assert warning.startswith("step 3: the loss or its update is not finite (total_loss ")
-    assert warning.endswith("update_norm nan); update skipped (non_finite_loss=SKIP_UPDATE)")
+    assert "learning_rate nan, grad_norm " in warning
+    assert warning.endswith("); update skipped (non_finite_loss=SKIP_UPDATE)")
     # The skipped step left parameters and optimizer state as the stopped run's last good state.
     for a, b in zip(jax.tree.leaves(skipped.state["params"]), jax.tree.leaves(stopped.state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -209,8 +209,9 @@ def test_pruning_works_on_every_layer_of_a_pattern_stack():
     model = cfg.instantiate(rngs=nnx.Rngs(0))
     result = prune(cfg, model, batches(), TargetShape(hidden_dim=24, num_heads=2, num_kv_heads=1, dim=16))
     pruned = result.build()
-    assert [layer.feed_forward.hidden_dim for layer in pruned.stack.layers] == [24] * L
-    assert [layer.self_attention.config.num_heads for layer in pruned.stack.layers] == [2] * L
+    layers = pruned.stack.layer_configs()  # The scanned stack's layers, in order.
+    assert [layer.feed_forward.hidden_dim for layer in layers] == [24] * L
+    assert [layer.self_attention.num_heads for layer in layers] == [2] * L
     assert np.all(np.isfinite(logits(pruned, batches()[0]["input_ids"])))
 
 

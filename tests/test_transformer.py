@@ -311,10 +311,10 @@ def test_nonpositive_num_layers_is_refused():
 @pytest.mark.parametrize(
     "conflict, message",
     [
-        (lambda s: s.layer.norm.set(input_dim=8), r"^layer\.norm\.input_dim=8 conflicts with 16 required by layer;"),
-        (lambda s: s.layer.self_attention.set(input_dim=8), r"^layer\.self_attention\.input_dim=8 conflicts with 16"),
-        (lambda s: s.layer.feed_forward.set(input_dim=8), r"^layer\.feed_forward\.input_dim=8 conflicts with 16"),
-        (lambda s: s.layer.set(input_dim=8), r"^layer\.input_dim=8 conflicts with 16 required by RepeatedStack;"),
+        (lambda s: s.layer.norm.set(input_dim=8), r"^layer\.norm\.input_dim=8 conflicts with layer\.input_dim=16, which sets it;"),
+        (lambda s: s.layer.self_attention.set(input_dim=8), r"^layer\.self_attention\.input_dim=8 conflicts with layer\.input_dim=16"),
+        (lambda s: s.layer.feed_forward.set(input_dim=8), r"^layer\.feed_forward\.input_dim=8 conflicts with layer\.input_dim=16"),
+        (lambda s: s.layer.set(input_dim=8), r"^layer\.input_dim=8 conflicts with input_dim=16, which sets it;"),
     ],
 )
 def test_a_child_dim_that_conflicts_with_its_parent_is_refused_not_overwritten(conflict, message):

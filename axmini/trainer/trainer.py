@@ -463,7 +463,9 @@ class Trainer(Configurable):
                 tick = time.perf_counter()
                 while step < cfg.max_step:
                     state, metrics = self.train_step(state, self.global_batch(next(batches)))
-                    numbers = {k: metrics[k] for k in ("total_loss", "grad_norm", "update_norm") if k in metrics}
+                    # What the step's own guard read (the loss and the learner's summaries), as host floats.
+                    guarded = ("total_loss", "learning_rate", "grad_norm", "update_norm")
+                    numbers = {k: metrics[k] for k in guarded if k in metrics}
                     if not all(math.isfinite(v) for v in numbers.values()):
                         values = ", ".join(f"{k} {v:.4g}" for k, v in numbers.items())
                         if step == resumed_at:
